@@ -1,0 +1,147 @@
+"""The small interface every framework backend implements.
+
+A backend turns a Hugging Face causal LM (a :class:`~mlflow_edge.sources.SourceModel`) into an :class:`Artifact` in its
+own format (``convert``), re-encodes that artifact at a lower precision with the framework's own quantizer
+(``quantize``), and loads an artifact into a :class:`Runner` that the evaluation harness measures. The harness, the
+flows and the search only ever see these types, never a framework.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from mlflow_edge.evaluation.data import TextSlice
+    from mlflow_edge.sources import SourceModel
+
+
+class EdgeError(Exception):
+    """A user-facing error: the message is one line that names the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    """A model in one backend's format, on disk.
+
+    ``path`` is the file or folder a runtime loads; ``files`` are the model files whose bytes count as its size.
+    """
+
+    path: Path
+    backend: str
+    format: str
+    precision: str
+    source_name: str
+    source_sha256: str
+    num_parameters: int
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    files: tuple[Path, ...] = ()
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in (self.files or (self.path,)))
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["path"] = str(self.path)
+        data["files"] = [str(f) for f in self.files]
+        data["options"] = dict(self.options)
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Artifact":
+        data = json.loads(text)
+        data["path"] = Path(data["path"])
+        data["files"] = tuple(Path(f) for f in data["files"])
+        return cls(**data)
+
+
+@dataclasses.dataclass
+class Generation:
+    """Timings of one greedy generation."""
+
+    prompt_tokens: int
+    generated_tokens: int
+    ttft_s: float
+    total_s: float
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """A loaded artifact, as the evaluation harness drives it.
+
+    Token ids are those of the source model's tokenizer, so every backend scores the same input.
+    """
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Next-token logits for every position of ``tokens`` (one fresh sequence): float32 ``[len(tokens), vocab]``."""
+        ...
+
+    def prefill(self, tokens: Sequence[int]) -> float:
+        """Process ``tokens`` as a fresh prompt without generating; return the seconds it took."""
+        ...
+
+    def generate(self, tokens: Sequence[int], max_new_tokens: int) -> Generation:
+        """Greedily generate exactly ``max_new_tokens`` after ``tokens`` (end-of-sequence ignored), timed."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionSpec:
+    """One quantization option a backend accepts, under the framework's own name."""
+
+    name: str
+    type: type
+    default: Any = None
+    choices: tuple[Any, ...] | None = None
+    help: str = ""
+
+
+class Backend(Protocol):
+    """One framework: convert, quantize, load."""
+
+    name: ClassVar[str]
+    format: ClassVar[str]
+
+    def convert_precisions(self) -> Sequence[str]:
+        """Precisions ``convert`` writes directly from the HF checkpoint (e.g. ``f16``)."""
+        ...
+
+    def quantize_precisions(self) -> Sequence[str]:
+        """Precisions ``quantize`` accepts, in the framework's own names (e.g. ``Q4_K_M``)."""
+        ...
+
+    def option_specs(self) -> Sequence[OptionSpec]:
+        """The quantization options this backend accepts (names without the ``<backend>.`` prefix)."""
+        ...
+
+    def convert(self, source: "SourceModel", out_dir: Path, precision: str) -> Artifact:
+        """Write ``source`` in this backend's format at ``precision`` into ``out_dir``."""
+        ...
+
+    def quantize(
+        self,
+        base: Artifact,
+        out_dir: Path,
+        precision: str,
+        options: Mapping[str, Any] | None = None,
+        calibration: "TextSlice | None" = None,
+        source: "SourceModel | None" = None,
+    ) -> Artifact:
+        """Quantize ``base`` to ``precision`` into ``out_dir``; data-aware options read ``calibration``."""
+        ...
+
+    def load(self, artifact: Artifact, threads: int, context_tokens: int) -> Runner:
+        """Load ``artifact`` into its runtime, ready for ``context_tokens`` tokens on ``threads`` threads."""
+        ...
+
+    def versions(self) -> Mapping[str, str]:
+        """Framework versions, logged as ``version.<framework>`` tags."""
+        ...

@@ -1,0 +1,438 @@
+"""llama.cpp / GGUF backend (llama-cpp-python).
+
+- ``convert``: llama.cpp's own ``convert_hf_to_gguf.py`` (shipped in the llama-cpp-python sdist, fetched once into the
+  cache) writes ``f32``/``f16``/``bf16``/``q8_0`` GGUF.
+- ``quantize``: ``llama_model_quantize`` with every type it offers (``Q2_K`` … ``Q8_0``, ``IQ*``, ``TQ*``), and the
+  options of ``llama-quantize``: ``allow_requantize``, ``pure``, ``output_tensor_type``, ``token_embedding_type``,
+  ``leave_output_tensor``, and an importance matrix (``imatrix``) computed from calibration text.
+- ``load``: a :class:`LlamaCppRunner` on the llama.cpp C API (per-position logits, timed greedy generation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+
+from mlflow_edge import cache
+from mlflow_edge.backends.base import Artifact, EdgeError, Generation, OptionSpec
+
+CONVERT_PRECISIONS = ("f32", "f16", "bf16", "q8_0")
+# llama-quantize refuses these without an importance matrix
+IMATRIX_REQUIRED = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"})
+_GGUF_NAME = "model.gguf"
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise EdgeError("llama-cpp-python is not installed: pip install 'mlflow-edge[llamacpp]'") from exc
+    return llama_cpp
+
+
+def quant_types() -> dict[str, int]:
+    """Every ``llama_ftype`` this llama.cpp build offers, by its llama-quantize name."""
+    llama_cpp = _llama_cpp()
+    types = {"F32": llama_cpp.LLAMA_FTYPE_ALL_F32}
+    for attr in dir(llama_cpp):
+        if attr.startswith("LLAMA_FTYPE_MOSTLY_"):
+            types[attr.removeprefix("LLAMA_FTYPE_MOSTLY_")] = int(getattr(llama_cpp, attr))
+    return types
+
+
+def ggml_type_id(name: str) -> int:
+    from gguf import GGMLQuantizationType
+
+    try:
+        return int(GGMLQuantizationType[name.upper()])
+    except KeyError:
+        raise EdgeError(f"unknown ggml tensor type: {name}") from None
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in {"1", "true", "yes", "on"}
+    return bool(value)
+
+
+class LlamaCppBackend:
+    """GGUF artifacts through llama.cpp."""
+
+    name: ClassVar[str] = "llamacpp"
+    format: ClassVar[str] = "gguf"
+
+    def convert_precisions(self) -> Sequence[str]:
+        return CONVERT_PRECISIONS
+
+    def quantize_precisions(self) -> Sequence[str]:
+        return tuple(quant_types())
+
+    def option_specs(self) -> Sequence[OptionSpec]:
+        return (
+            OptionSpec("imatrix", bool, False, help="compute an importance matrix from calibration text"),
+            OptionSpec("imatrix_chunks", int, 16, help="calibration chunks of 512 tokens for the importance matrix"),
+            OptionSpec("allow_requantize", bool, False, help="allow re-quantizing tensors that are already quantized"),
+            OptionSpec("pure", bool, False, help="quantize every tensor to the default type (no k-quant mixtures)"),
+            OptionSpec("leave_output_tensor", bool, False, help="keep output.weight unquantized"),
+            OptionSpec("output_tensor_type", str, None, help="ggml type for output.weight (e.g. Q8_0)"),
+            OptionSpec("token_embedding_type", str, None, help="ggml type for token_embd.weight (e.g. Q8_0)"),
+            OptionSpec("nthread", int, 0, help="quantization threads (0: all cores)"),
+        )
+
+    def versions(self) -> Mapping[str, str]:
+        return {"llama_cpp_python": _llama_cpp().__version__}
+
+    # -- convert -------------------------------------------------------------------------------------------------
+    def convert(self, source: Any, out_dir: Path, precision: str) -> Artifact:
+        precision = precision.lower()
+        if precision not in CONVERT_PRECISIONS:
+            raise EdgeError(f"unknown GGUF conversion type '{precision}' (choose from {', '.join(CONVERT_PRECISIONS)})")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        script = converter_dir() / "convert_hf_to_gguf.py"
+        partial = out_dir / (_GGUF_NAME + ".partial")
+        cmd = [sys.executable, str(script), str(source.path), "--outfile", str(partial), "--outtype", precision]
+        env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # use the sdist's own gguf-py
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0 or not partial.is_file():
+            partial.unlink(missing_ok=True)
+            raise EdgeError(f"convert_hf_to_gguf.py failed for {source.name}: {_last_error_line(proc.stderr)}")
+        final = partial.rename(out_dir / _GGUF_NAME)
+        return Artifact(
+            path=final,
+            backend=self.name,
+            format=self.format,
+            precision=precision.upper() if precision != "q8_0" else "Q8_0",
+            source_name=source.name,
+            source_sha256=source.sha256,
+            num_parameters=source.num_parameters,
+            options={"outtype": precision},
+            files=(final,),
+        )
+
+    # -- quantize ------------------------------------------------------------------------------------------------
+    def quantize(
+        self,
+        base: Artifact,
+        out_dir: Path,
+        precision: str,
+        options: Mapping[str, Any] | None = None,
+        calibration: Any = None,
+        source: Any = None,
+    ) -> Artifact:
+        options = dict(options or {})
+        unknown = set(options) - {spec.name for spec in self.option_specs()}
+        if unknown:
+            raise EdgeError(f"unknown llamacpp option(s): {', '.join(sorted(unknown))}")
+        types = quant_types()
+        qtype = precision.upper()
+        if qtype not in types:
+            raise EdgeError(f"unknown GGUF quantization type '{precision}' (choose from {', '.join(types)})")
+        use_imatrix = _as_bool(options.get("imatrix", False))
+        if qtype in IMATRIX_REQUIRED and not use_imatrix:
+            raise EdgeError(f"{qtype} needs an importance matrix: set llamacpp.imatrix=true (computed from calibration text)")
+        for key in ("output_tensor_type", "token_embedding_type"):
+            if options.get(key):
+                ggml_type_id(options[key])  # validate early
+        out_dir.mkdir(parents=True, exist_ok=True)
+        imatrix_path = None
+        recorded = {k: v for k, v in options.items() if v not in (None, "", False, 0) or k == "imatrix"}
+        recorded["imatrix"] = use_imatrix
+        if use_imatrix:
+            if calibration is None or source is None:
+                raise EdgeError("an importance matrix needs calibration text and the source model")
+            chunks = int(options.get("imatrix_chunks") or 16)
+            key = {"source": source.sha256, "calibration": calibration.sha256, "chunks": chunks,
+                   "base": base.precision, "version": 1}
+            cached = cache.get_or_build(
+                "imatrix", key, lambda tmp: compute_imatrix(source, base, calibration, tmp / "imatrix.gguf", chunks)
+            )
+            imatrix_path = out_dir / "imatrix.gguf"
+            shutil.copyfile(cached / "imatrix.gguf", imatrix_path)
+            recorded.update({"imatrix_chunks": chunks, "calib.dataset": calibration.label, "calib.sha256": calibration.sha256})
+        spec = {
+            "input": str(base.path),
+            "output": str(out_dir / (_GGUF_NAME + ".partial")),
+            "ftype": types[qtype],
+            "nthread": int(options.get("nthread") or 0),
+            "allow_requantize": _as_bool(options.get("allow_requantize", False)),
+            "pure": _as_bool(options.get("pure", False)),
+            "quantize_output_tensor": not _as_bool(options.get("leave_output_tensor", False)),
+            "output_tensor_type": ggml_type_id(options["output_tensor_type"]) if options.get("output_tensor_type") else None,
+            "token_embedding_type": ggml_type_id(options["token_embedding_type"]) if options.get("token_embedding_type") else None,
+            "imatrix": str(imatrix_path) if imatrix_path else None,
+        }
+        if _is_quantized(base) and not spec["allow_requantize"]:
+            raise EdgeError(f"{base.path.name} is already quantized ({base.precision}); set llamacpp.allow_requantize=true")
+        partial = Path(spec["output"])
+        proc = subprocess.run(
+            [sys.executable, "-m", "mlflow_edge.backends.llamacpp", json.dumps(spec)], capture_output=True, text=True
+        )
+        if proc.returncode != 0 or not partial.is_file():
+            partial.unlink(missing_ok=True)
+            raise EdgeError(f"llama.cpp could not quantize to {qtype}: {_last_error_line(proc.stderr)}")
+        final = partial.rename(out_dir / _GGUF_NAME)
+        return Artifact(
+            path=final,
+            backend=self.name,
+            format=self.format,
+            precision=qtype,
+            source_name=base.source_name,
+            source_sha256=base.source_sha256,
+            num_parameters=base.num_parameters,
+            options={**recorded, "base_precision": base.precision},
+            files=(final,),
+        )
+
+    # -- load ----------------------------------------------------------------------------------------------------
+    def load(self, artifact: Artifact, threads: int, context_tokens: int) -> "LlamaCppRunner":
+        return LlamaCppRunner(artifact.path, threads=threads, context_tokens=context_tokens)
+
+
+def _is_quantized(artifact: Artifact) -> bool:
+    return artifact.precision.upper() not in {"F32", "F16", "BF16"}
+
+
+class LlamaCppRunner:
+    """A GGUF model on llama.cpp's C API: one sequence, logits per position, greedy generation."""
+
+    def __init__(self, path: Path, threads: int, context_tokens: int) -> None:
+        llama_cpp = _llama_cpp()
+        self._lib = llama_cpp
+        try:
+            self._llm = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=context_tokens,
+                n_batch=context_tokens,
+                n_ubatch=context_tokens,
+                n_threads=threads,
+                n_threads_batch=threads,
+                logits_all=False,
+                verbose=False,
+            )
+        except Exception as exc:  # llama-cpp-python raises ValueError with a generic text
+            raise EdgeError(f"llama.cpp cannot load {path}: {exc}") from exc
+        self._ctx = self._llm.ctx
+        self._n_vocab = self._llm.n_vocab()
+        self._n_ctx = context_tokens
+        self._batch = llama_cpp.llama_batch_init(context_tokens, 0, 1)
+
+    def _reset(self) -> None:
+        self._lib.llama_memory_clear(self._lib.llama_get_memory(self._ctx), True)
+
+    def _decode(self, tokens: Sequence[int], start: int, all_logits: bool) -> None:
+        if start + len(tokens) > self._n_ctx:
+            raise EdgeError(f"sequence of {start + len(tokens)} tokens exceeds the context of {self._n_ctx}")
+        batch = self._batch
+        batch.n_tokens = len(tokens)
+        for i, token in enumerate(tokens):
+            batch.token[i] = int(token)
+            batch.pos[i] = start + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = all_logits or i == len(tokens) - 1
+        rc = self._lib.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise EdgeError(f"llama_decode failed with code {rc}")
+
+    def _last_argmax(self) -> int:
+        row = self._lib.llama_get_logits_ith(self._ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(row, shape=(self._n_vocab,))))
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        self._reset()
+        self._decode(tokens, 0, all_logits=True)
+        data = self._lib.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(data, shape=(len(tokens), self._n_vocab)).copy()
+
+    def prefill(self, tokens: Sequence[int]) -> float:
+        self._reset()
+        start = time.perf_counter()
+        self._decode(tokens, 0, all_logits=False)
+        return time.perf_counter() - start
+
+    def generate(self, tokens: Sequence[int], max_new_tokens: int) -> Generation:
+        self._reset()
+        start = time.perf_counter()
+        self._decode(tokens, 0, all_logits=False)
+        token = self._last_argmax()
+        ttft = time.perf_counter() - start
+        position = len(tokens)
+        for _ in range(max_new_tokens - 1):
+            self._decode([token], position, all_logits=False)
+            position += 1
+            token = self._last_argmax()
+        total = time.perf_counter() - start
+        return Generation(len(tokens), max_new_tokens, ttft, total)
+
+    def close(self) -> None:
+        if getattr(self, "_batch", None) is not None:
+            self._lib.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_llm", None) is not None:
+            self._llm.close()
+            self._llm = None
+
+
+# -- llama.cpp's converter, from the llama-cpp-python sdist ------------------------------------------------------
+def converter_dir() -> Path:
+    """``vendor/llama.cpp`` scripts (converter, ``conversion/``, ``gguf-py``) of the installed llama-cpp-python sdist."""
+    version = _llama_cpp().__version__
+    return cache.get_or_build("llama.cpp-scripts", {"llama_cpp_python": version}, lambda tmp: _extract_scripts(version, tmp))
+
+
+def _extract_scripts(version: str, out_dir: Path) -> None:
+    downloads = cache.cache_root() / "downloads"
+    sdist = downloads / f"llama_cpp_python-{version}.tar.gz"
+    if not sdist.is_file():
+        downloads.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
+               f"llama-cpp-python=={version}", "-d", str(downloads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not sdist.is_file():
+            raise EdgeError(f"cannot fetch the llama-cpp-python {version} sdist for convert_hf_to_gguf.py: "
+                            f"{_last_error_line(proc.stderr)}")
+    prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.name[len(prefix):].startswith(wanted)]
+        for member in members:
+            member.name = member.name[len(prefix):]
+        tar.extractall(out_dir, members=members, filter="data")
+
+
+def _last_error_line(stderr: str) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if any(word in line.lower() for word in ("error", "exception", "failed", "requires", "invalid")):
+            return line[:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+# -- importance matrix ---------------------------------------------------------------------------------------------
+def compute_imatrix(source: Any, base: Artifact, calibration: Any, out_path: Path, chunks: int = 16,
+                    chunk_tokens: int = 512) -> Path:
+    """Mean squared input activation per column of every matmul weight, from calibration text.
+
+    Computed with the source model in ``transformers`` (forward hooks on each ``nn.Linear``), named by llama.cpp's
+    tensor names, and written in llama.cpp's GGUF imatrix format (``<tensor>.in_sum2`` and ``<tensor>.counts``).
+    """
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reader = gguf.GGUFReader(str(base.path))
+    arch_name = reader.get_field("general.architecture").contents()
+    block_count = int(reader.get_field(f"{arch_name}.block_count").contents())
+    gguf_names = {t.name for t in reader.tensors}
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
+    name_map = gguf.get_tensor_name_map(arch, block_count)
+
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
+    model.eval()
+    tokens = tokenizer(calibration.text(), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    n_chunks = min(chunks, len(tokens) // chunk_tokens)
+    if n_chunks < 1:
+        raise EdgeError(f"calibration text {calibration.label} has fewer than {chunk_tokens} tokens")
+
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        mapped = name_map.get_name(module_name)
+        tensor_name = f"{mapped}.weight" if mapped else None
+        if tensor_name is None or tensor_name not in gguf_names:
+            continue
+
+        def hook(_module, inputs, _output, name=tensor_name):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+            sums[name] = sums.get(name, 0) + (x * x).sum(dim=0, dtype=torch.float64)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        hooks.append(module.register_forward_hook(hook))
+    with torch.inference_mode():
+        for i in range(n_chunks):
+            model(tokens[i * chunk_tokens : (i + 1) * chunk_tokens].unsqueeze(0))
+    for handle in hooks:
+        handle.remove()
+    if not sums:
+        raise EdgeError(f"no matmul weights of {source.name} could be matched to llama.cpp tensor names")
+
+    writer = gguf.GGUFWriter(str(out_path), arch=arch_name)
+    writer.add_type("imatrix")
+    writer.add_array("imatrix.datasets", [calibration.label])
+    writer.add_uint32("imatrix.chunk_count", n_chunks)
+    writer.add_uint32("imatrix.chunk_size", chunk_tokens)
+    for name in sorted(sums):
+        writer.add_tensor(f"{name}.in_sum2", sums[name].to(torch.float32).numpy())
+        writer.add_tensor(f"{name}.counts", np.array([counts[name]], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out_path
+
+
+def read_imatrix(path: Path) -> dict[str, np.ndarray]:
+    """Mean squared activations per tensor from a GGUF imatrix file (``in_sum2 / counts``)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
+    result = {}
+    for name, values in tensors.items():
+        if name.endswith(".in_sum2"):
+            base = name.removesuffix(".in_sum2")
+            count = float(tensors[base + ".counts"].reshape(-1)[0])
+            result[base] = (values.reshape(-1) / max(count, 1.0)).astype(np.float32)
+    return result
+
+
+def _quantize_worker(spec: dict[str, Any]) -> int:
+    """Runs in a child process so that a llama.cpp abort cannot take the caller down."""
+    import ctypes
+
+    llama_cpp = _llama_cpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = spec["ftype"]
+    params.nthread = spec["nthread"]
+    params.allow_requantize = spec["allow_requantize"]
+    params.pure = spec["pure"]
+    params.quantize_output_tensor = spec["quantize_output_tensor"]
+    if spec["output_tensor_type"] is not None:
+        params.output_tensor_type = spec["output_tensor_type"]
+    if spec["token_embedding_type"] is not None:
+        params.token_embedding_type = spec["token_embedding_type"]
+    keep_alive = []
+    if spec["imatrix"]:
+        entries = read_imatrix(Path(spec["imatrix"]))
+        array = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))()
+        for i, (name, values) in enumerate(sorted(entries.items())):
+            values = np.ascontiguousarray(values, dtype=np.float32)
+            encoded = name.encode()
+            keep_alive += [values, encoded]
+            array[i].name = encoded
+            array[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            array[i].size = values.size
+        array[len(entries)].name = None
+        params.imatrix = ctypes.cast(array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        keep_alive.append(array)
+    rc = llama_cpp.llama_model_quantize(spec["input"].encode(), spec["output"].encode(), ctypes.byref(params))
+    if rc != 0:
+        print(f"error: llama_model_quantize returned {rc}", file=sys.stderr)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(_quantize_worker(json.loads(sys.argv[1])))

@@ -1,0 +1,176 @@
+"""The evaluation harness: the same metrics for every artifact of every backend.
+
+An :class:`Evaluator` belongs to one study (one source model, one evaluation text, one machine). It tokenizes the
+evaluation text once with the source tokenizer, so every runtime scores the very same token ids, and measures the
+reference (the unquantized source in ``transformers``) once; its scored log-probabilities are cached on disk for the
+KL divergence of every candidate. Each artifact is measured in a fresh child process
+(:mod:`mlflow_edge.evaluation.worker`), so ``peak_rss_mb`` is that process's own peak and nothing leaks between
+artifacts. Metric names are those of the project's conventions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from mlflow_edge import cache
+from mlflow_edge.backends.base import Artifact, EdgeError
+from mlflow_edge.evaluation.data import TextSlice, evaluation_text
+from mlflow_edge.sources import SourceModel
+
+REFERENCE = "reference"
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """What is measured and how: windows for accuracy, prompt sizes and repeats for speed."""
+
+    text: TextSlice = dataclasses.field(default_factory=evaluation_text)
+    window: int = 256
+    windows: int = 8
+    threads: int = dataclasses.field(default_factory=default_threads)
+    repeats: int = 5
+    prefill_tokens: int = 256
+    prompt_tokens: int = 32
+    decode_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("window", "windows", "threads", "repeats", "prefill_tokens", "prompt_tokens", "decode_tokens"):
+            if getattr(self, name) < 1:
+                raise EdgeError(f"evaluation setting {name} must be positive, got {getattr(self, name)}")
+        if self.window < 8:
+            raise EdgeError(f"evaluation window must be at least 8 tokens, got {self.window}")
+        if self.decode_tokens < 2:
+            raise EdgeError("evaluation needs at least 2 decode tokens to time decoding")
+
+    @property
+    def context_tokens(self) -> int:
+        return max(self.window, self.prefill_tokens, self.prompt_tokens + self.decode_tokens)
+
+    def params(self) -> dict[str, str]:
+        return {
+            "eval.dataset": self.text.label,
+            "eval.window": str(self.window),
+            "eval.windows": str(self.windows),
+            "eval.threads": str(self.threads),
+            "eval.repeats": str(self.repeats),
+            "eval.sha256": self.text.sha256,
+        }
+
+
+class Evaluator:
+    """Measures the reference once, then any number of artifacts, against one source and one text."""
+
+    def __init__(self, source: SourceModel, settings: EvalSettings | None = None, workdir: Path | None = None) -> None:
+        self.source = source
+        self.settings = settings or EvalSettings()
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="mlflow-edge-eval-")
+        self.workdir = Path(workdir or self._tmp.name)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.tokens_path = self.workdir / "tokens.npy"
+        np.save(self.tokens_path, self._token_windows())
+        key = {"source": source.sha256, "eval": self.settings.text.sha256, "window": self.settings.window,
+               "windows": self.settings.windows}
+        self._reference_dir = cache.cache_root() / "reference" / cache.key_digest(key)
+        self.reference_metrics: dict[str, float] | None = None
+
+    def _token_windows(self) -> np.ndarray:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.source.path)
+        ids = tokenizer(self.settings.text.text(), add_special_tokens=False)["input_ids"]
+        s = self.settings
+        needed = s.window * s.windows
+        if len(ids) < max(needed, s.prefill_tokens, s.prompt_tokens):
+            raise EdgeError(f"evaluation text {s.text.label} has {len(ids)} tokens; {needed} are needed "
+                            f"({s.windows} windows of {s.window})")
+        return np.asarray(ids[:needed], dtype=np.int32).reshape(s.windows, s.window)
+
+    def evaluate_reference(self) -> dict[str, float]:
+        """Measure the source model itself; its metrics are the baseline of every ratio."""
+        self._reference_dir.mkdir(parents=True, exist_ok=True)
+        measured = self._run_child({
+            "kind": REFERENCE,
+            "source_path": str(self.source.path),
+            "save_reference": str(self._reference_dir),
+        })
+        size_bytes = sum(f.stat().st_size for f in self.source.path.glob("*.safetensors"))
+        metrics = {**measured, **_size_metrics(size_bytes, self.source.num_parameters)}
+        metrics.update(kld_mean=0.0, kld_p99=0.0, top1_agreement=1.0)
+        self.reference_metrics = metrics
+        metrics.update(relative_metrics(metrics, metrics))
+        return metrics
+
+    def evaluate(self, artifact: Artifact) -> dict[str, float]:
+        """Measure ``artifact``: size, speed, memory, accuracy, and the ratios against the reference."""
+        if self.reference_metrics is None:
+            self.evaluate_reference()
+        measured = self._run_child({
+            "kind": "artifact",
+            "artifact": artifact.to_json(),
+            "reference": str(self._reference_dir),
+        })
+        metrics = {**measured, **_size_metrics(artifact.size_bytes, artifact.num_parameters)}
+        metrics.update(relative_metrics(metrics, self.reference_metrics))
+        return metrics
+
+    def _run_child(self, job: Mapping[str, Any]) -> dict[str, float]:
+        s = self.settings
+        spec = {
+            **job,
+            "tokens": str(self.tokens_path),
+            "window": s.window,
+            "threads": s.threads,
+            "repeats": s.repeats,
+            "prefill_tokens": s.prefill_tokens,
+            "prompt_tokens": s.prompt_tokens,
+            "decode_tokens": s.decode_tokens,
+            "context_tokens": s.context_tokens,
+        }
+        with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
+            spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+            spec_path.write_text(json.dumps(spec))
+            proc = subprocess.run(
+                [sys.executable, "-m", "mlflow_edge.evaluation.worker", str(spec_path), str(result_path)],
+                capture_output=True, text=True,
+            )
+            result = json.loads(result_path.read_text()) if result_path.is_file() else {}
+        if proc.returncode != 0 or "error" in result or "metrics" not in result:
+            reason = result.get("error") or _last_line(proc.stderr) or f"exit code {proc.returncode}"
+            raise EdgeError(f"evaluation failed: {reason}")
+        return result["metrics"]
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def _size_metrics(size_bytes: int, num_parameters: int) -> dict[str, float]:
+    return {"size_mb": size_bytes / 1e6, "bits_per_weight": 8.0 * size_bytes / max(num_parameters, 1)}
+
+
+def relative_metrics(metrics: Mapping[str, float], reference: Mapping[str, float]) -> dict[str, float]:
+    """The ratios against the reference measured in the same study."""
+    return {
+        "compression_ratio": reference["size_mb"] / metrics["size_mb"],
+        "accuracy_retention": reference["perplexity"] / metrics["perplexity"],
+        "speedup": metrics["decode_tok_s"] / reference["decode_tok_s"],
+        "memory_reduction": 1.0 - metrics["peak_rss_mb"] / reference["peak_rss_mb"],
+    }
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""

