@@ -1,0 +1,7 @@
+"""MLproject entry point `main`: `mlflow-edge main` (see `mlflow-edge main --help`)."""
+
+import sys
+
+from mlflow_edge.cli import main
+
+main(["main", *sys.argv[1:]])

@@ -1,0 +1,204 @@
+"""``mlflow-edge``: convert, quantize, evaluate and promote models for edge hardware, tracked in MLflow.
+
+The tracking store is MLflow's own setting (``MLFLOW_TRACKING_URI``); ``mlflow run`` entry points call these commands.
+Errors print one line (``mlflow-edge: error: …``) and exit 1, with the MLflow run marked FAILED.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable
+
+import click
+
+from mlflow_edge.backends.base import EdgeError
+
+
+def _one_line_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except EdgeError as exc:
+            click.echo(f"mlflow-edge: error: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def parse_options(spec: str | None) -> dict[str, str]:
+    """``"imatrix=true,pure=false"`` → ``{"imatrix": "true", "pure": "false"}``."""
+    options: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in (spec or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise EdgeError(f"bad option '{item}': use key=value")
+        options[key.strip().split(".", 1)[-1]] = value.strip()
+    return options
+
+
+def _settings(eval_text: str | None, window: int, windows: int, threads: int | None, repeats: int):
+    from mlflow_edge.evaluation.data import evaluation_text
+    from mlflow_edge.evaluation.harness import EvalSettings, default_threads
+
+    return EvalSettings(text=evaluation_text(eval_text), window=window, windows=windows,
+                        threads=threads or default_threads(), repeats=repeats)
+
+
+_model = click.option("--model", default="demo", show_default=True,
+                      help="source: 'demo', a Hugging Face id, a save_pretrained folder or a .gguf file")
+_backend = click.option("--backend", default="llamacpp", show_default=True)
+_target = click.option("--target", default="cpu", show_default=True, help="hardware target (see conventions)")
+_experiment = click.option("--experiment", default=None, help="MLflow experiment (default: mlflow-edge)")
+_gates = click.option("--gates", default=None, help="e.g. 'accuracy_retention>=0.95,speedup>=2|compression_ratio>=2'")
+
+
+def _eval_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed([
+        click.option("--eval-text", default=None, help="evaluation text file (default: built-in WikiText-2 slice)"),
+        click.option("--window", default=256, show_default=True, help="tokens per scored window"),
+        click.option("--windows", default=8, show_default=True, help="number of windows"),
+        click.option("--threads", default=None, type=int, help="runtime threads (default: all cores)"),
+        click.option("--repeats", default=5, show_default=True, help="repeats of each timed request"),
+    ]):
+        func = option(func)
+    return func
+
+
+@click.group()
+@click.version_option(package_name="mlflow-edge")
+def main() -> None:
+    """Convert, quantize, evaluate and promote LLMs for edge hardware, tracked in MLflow."""
+
+
+@main.command()
+@_model
+@_backend
+@click.option("--precision", default="f16", show_default=True, help="conversion precision (f32, f16, bf16, q8_0)")
+@_target
+@click.option("--output-dir", default=None, help="also copy the artifact here")
+@_experiment
+@_one_line_errors
+def convert(model: str, backend: str, precision: str, target: str, output_dir: str | None,
+            experiment: str | None) -> None:
+    """Convert a Hugging Face causal LM into the backend's format and log it as an MLflow model."""
+    from mlflow_edge.workflow import run_convert
+
+    click.echo(run_convert(model, backend, precision, target, output_dir, experiment))
+
+
+@main.command()
+@_model
+@_backend
+@click.option("--precision", required=True, help="quantization type in the framework's own name (e.g. Q4_K_M)")
+@click.option("--base-precision", default="f16", show_default=True)
+@click.option("--options", default=None, help="backend options, e.g. 'imatrix=true,pure=true'")
+@click.option("--calibration-text", default=None, help="calibration text file (default: built-in slice)")
+@_target
+@click.option("--output-dir", default=None, help="also copy the artifact here")
+@_experiment
+@_one_line_errors
+def quantize(model: str, backend: str, precision: str, base_precision: str, options: str | None,
+             calibration_text: str | None, target: str, output_dir: str | None, experiment: str | None) -> None:
+    """Quantize a model with the backend's own quantizer and log it as an MLflow model."""
+    from mlflow_edge.workflow import run_quantize
+
+    click.echo(run_quantize(model, precision, backend, base_precision, parse_options(options), target, output_dir,
+                            calibration_text, experiment))
+
+
+@main.command()
+@_model
+@click.option("--artifact", "artifact_uri", required=True, help="logged model URI (models:/…, runs:/…) or a .gguf")
+@_target
+@_gates
+@_eval_options
+@_experiment
+@_one_line_errors
+def evaluate(model: str, artifact_uri: str, target: str, gates: str | None, eval_text: str | None, window: int,
+             windows: int, threads: int | None, repeats: int, experiment: str | None) -> None:
+    """Measure an artifact against its source model (the reference) and log the conventions' metrics."""
+    from mlflow_edge.workflow import run_evaluate
+
+    metrics = run_evaluate(model, artifact_uri, target, gates, _settings(eval_text, window, windows, threads, repeats),
+                           experiment)
+    for name, value in sorted(metrics.items()):
+        click.echo(f"{name}\t{value:.6g}")
+
+
+@main.command()
+@click.option("--experiment", default="mlflow-edge", show_default=True, help="experiment whose runs compete")
+@_target
+@_gates
+@click.option("--policy", default="min:size_mb", show_default=True, help="max:<metric> or min:<metric>")
+@click.option("--registered-model", required=True, help="registered model name")
+@click.option("--study", default=None, help="only candidates of this study (parent run id)")
+@_one_line_errors
+def promote(experiment: str, target: str, gates: str | None, policy: str, registered_model: str,
+            study: str | None) -> None:
+    """Register the best gate-passing candidate and set the <target>-champion alias."""
+    import mlflow
+
+    from mlflow_edge import registry
+    from mlflow_edge.gates import parse_gates
+    from mlflow_edge.targets import get_target
+    from mlflow_edge.workflow import tracked_run
+
+    get_target(target)
+    gate_spec = parse_gates(gates)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        raise EdgeError(f"experiment not found: {experiment}")
+    with tracked_run("promote", experiment):
+        mlflow.log_params({"target": target, "gates": str(gate_spec), "policy": policy,
+                           "registered_model": registered_model})
+        result = registry.promote([found.experiment_id], target, gate_spec, policy, registered_model, study)
+        mlflow.set_tag("mlflow_edge.promotion", result.describe())
+    click.echo(result.describe())
+
+
+@main.command("main")
+@_model
+@_backend
+@click.option("--types", default=None, help="comma-separated quantization types (default: the GGUF sweep)")
+@click.option("--base-precision", default="f16", show_default=True)
+@click.option("--options", default=None, help="backend options for every type, e.g. 'imatrix=true'")
+@click.option("--calibration-text", default=None, help="calibration text file (default: built-in slice)")
+@_target
+@_gates
+@click.option("--policy", default="min:size_mb", show_default=True, help="max:<metric> or min:<metric>")
+@click.option("--registered-model", default=None, help="registered model name (default: <source>-edge)")
+@_eval_options
+@_experiment
+@_one_line_errors
+def main_flow(model: str, backend: str, types: str | None, base_precision: str, options: str | None,
+              calibration_text: str | None, target: str, gates: str | None, policy: str,
+              registered_model: str | None, eval_text: str | None, window: int, windows: int, threads: int | None,
+              repeats: int, experiment: str | None) -> None:
+    """The whole flow: convert, a sweep of quantization types, evaluation against the reference, promotion."""
+    from mlflow_edge.workflow import DEFAULT_SWEEP, run_main
+
+    sweep = tuple(t.strip() for t in types.split(",") if t.strip()) if types else DEFAULT_SWEEP
+    result = run_main(model, backend, sweep, base_precision, parse_options(options), target, gates, policy,
+                      registered_model, _settings(eval_text, window, windows, threads, repeats), calibration_text,
+                      experiment)
+    click.echo(result.describe())
+
+
+@main.command("quant-types")
+@_backend
+@_one_line_errors
+def quant_types(backend: str) -> None:
+    """List the quantization types and options a backend offers."""
+    from mlflow_edge.backends import get_backend
+
+    impl = get_backend(backend)
+    click.echo("convert: " + " ".join(impl.convert_precisions()))
+    click.echo("quantize: " + " ".join(impl.quantize_precisions()))
+    for spec in impl.option_specs():
+        click.echo(f"option {backend}.{spec.name} ({spec.type.__name__}, default {spec.default}): {spec.help}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""Quality gates: thresholds on the CONVENTIONS.md metrics of a candidate, relative to its reference.
+
+A spec is comma-separated groups, all of which must pass (AND); a group is ``|``-separated gates, any of which may
+pass (OR); a gate is ``<metric><op><threshold>`` with ``op`` one of ``>=``, ``<=`` (``≥``, ``≤`` are read too)::
+
+    >>> gates = parse_gates("accuracy_retention>=0.95,speedup>=2.0|compression_ratio>=2.0")
+    >>> report = gates.check({"accuracy_retention": 0.97, "speedup": 1.3, "compression_ratio": 3.1})
+    >>> report.passed
+    True
+    >>> report.as_tags()["gate.speedup_ge_2.0_or_compression_ratio_ge_2.0"]
+    'pass'
+
+A metric that is missing or NaN fails its gate and is reported as ``missing``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Literal, Mapping, Sequence
+
+from mlflow_edge.backends.base import EdgeError
+
+METRICS: tuple[str, ...] = (
+    "size_mb",
+    "compression_ratio",
+    "bits_per_weight",
+    "load_s",
+    "prefill_tok_s",
+    "decode_tok_s",
+    "ttft_ms",
+    "latency_ms_p50",
+    "latency_ms_p95",
+    "latency_cv",
+    "peak_rss_mb",
+    "perplexity",
+    "kld_mean",
+    "kld_p99",
+    "top1_agreement",
+    "accuracy_retention",
+    "speedup",
+    "memory_reduction",
+)
+"""The metric names of CONVENTIONS.md, in its order."""
+
+Status = Literal["pass", "fail", "missing"]
+
+_OPS = {">=": ">=", "<=": "<=", "≥": ">=", "≤": "<="}
+_OP_WORDS = {">=": "ge", "<=": "le"}
+_GATE_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*([<>=!≥≤]+)\s*(.*?)\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Gate:
+    """``metric op threshold``, e.g. ``accuracy_retention >= 0.95``."""
+
+    metric: str
+    op: str
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise EdgeError(f"unknown metric '{self.metric}' in gate '{self}' (choose from {', '.join(METRICS)})")
+        if self.op not in (">=", "<="):
+            raise EdgeError(f"unknown operator '{self.op}' in gate '{self}' (use >= or <=)")
+        if not math.isfinite(self.threshold):
+            raise EdgeError(f"threshold of gate '{self}' must be a finite number")
+
+    @classmethod
+    def parse(cls, text: str) -> "Gate":
+        """Parse ``"metric>=0.95"``; :class:`EdgeError` on a bad gate."""
+        match = _GATE_RE.match(text)
+        if not text.strip():
+            raise EdgeError("empty gate (a spec like 'accuracy_retention>=0.95' was expected)")
+        if match is None:
+            raise EdgeError(f"cannot read gate '{text.strip()}' (expected <metric>>=<number> or <metric><=<number>)")
+        metric, op, threshold_text = match.groups()
+        if op not in _OPS:
+            raise EdgeError(f"unknown operator '{op}' in gate '{text.strip()}' (use >= or <=)")
+        try:
+            threshold = float(threshold_text)
+        except ValueError:
+            raise EdgeError(f"threshold '{threshold_text}' of gate '{text.strip()}' is not a number") from None
+        return cls(metric, _OPS[op], threshold)
+
+    def check(self, value: float | None) -> Status:
+        """``pass``/``fail`` for an observed value; ``missing`` for ``None`` or NaN."""
+        if value is None or math.isnan(value):
+            return "missing"
+        return "pass" if (value >= self.threshold if self.op == ">=" else value <= self.threshold) else "fail"
+
+    def tag_key(self) -> str:
+        """This gate in MLflow's tag-key alphabet (no ``<``, ``>``, ``|``): ``accuracy_retention_ge_0.95``."""
+        return f"{self.metric}_{_OP_WORDS[self.op]}_{self.threshold!r}"
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.threshold!r}"
+
+
+@dataclasses.dataclass(frozen=True)
+class GateGroup:
+    """Gates of which at least one must pass (OR)."""
+
+    gates: tuple[Gate, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> "GateGroup":
+        if not text.strip():
+            raise EdgeError("empty gate group in spec (check for a stray ',')")
+        return cls(tuple(Gate.parse(part) for part in text.split("|")))
+
+    def tag_key(self) -> str:
+        """``gate.<gate>[_or_<gate>…]``: a valid MLflow tag key."""
+        return "gate." + "_or_".join(g.tag_key() for g in self.gates)
+
+    def __str__(self) -> str:
+        return "|".join(str(g) for g in self.gates)
+
+
+@dataclasses.dataclass(frozen=True)
+class GateResult:
+    gate: Gate
+    value: float | None
+    status: Status
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupResult:
+    """One group's outcome: ``pass`` if any gate passed, else ``missing`` if a metric was missing, else ``fail``."""
+
+    group: GateGroup
+    results: tuple[GateResult, ...]
+
+    @property
+    def status(self) -> Status:
+        statuses = {r.status for r in self.results}
+        return "pass" if "pass" in statuses else "missing" if "missing" in statuses else "fail"
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+
+@dataclasses.dataclass(frozen=True)
+class GateReport:
+    """The outcome of :meth:`Gates.check`: one :class:`GroupResult` per AND group."""
+
+    gates: "Gates"
+    groups: tuple[GroupResult, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.groups)
+
+    @property
+    def values(self) -> dict[str, float | None]:
+        """The observed value of every gated metric (``None`` when missing or NaN)."""
+        return {r.gate.metric: r.value for g in self.groups for r in g.results}
+
+    def as_tags(self) -> dict[str, str]:
+        """MLflow tags: ``gate.<group>`` → ``pass``/``fail``/``missing`` per group, plus ``gates.spec`` (the parseable
+        spec) and ``gates.result`` (``pass``/``fail`` overall).
+
+        MLflow rejects ``<``, ``>`` and ``|`` in tag keys, so keys spell operators as ``_ge_``/``_le_`` and OR as
+        ``_or_``: ``gate.speedup_ge_2.0_or_compression_ratio_ge_2.0``.
+        """
+        tags = {g.group.tag_key(): g.status for g in self.groups}
+        tags["gates.spec"] = str(self.gates)
+        tags["gates.result"] = "pass" if self.passed else "fail"
+        return tags
+
+    def describe(self) -> str:
+        """One line, e.g. ``PASS 3/3: accuracy_retention=0.97>=0.95 pass; …``."""
+        parts = []
+        for g in self.groups:
+            observed = ", ".join(
+                f"{r.gate.metric}={'missing' if r.value is None else f'{r.value:.4g}'}" for r in g.results
+            )
+            parts.append(f"{g.group} {g.status} ({observed})")
+        head = "PASS" if self.passed else "FAIL"
+        return f"{head} {sum(g.passed for g in self.groups)}/{len(self.groups)}: " + "; ".join(parts)
+
+
+def _value(metrics: Mapping[str, object], name: str) -> float | None:
+    raw = metrics.get(name)
+    try:
+        value = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+@dataclasses.dataclass(frozen=True)
+class Gates:
+    """Groups that must all pass (AND)."""
+
+    groups: tuple[GateGroup, ...]
+
+    def __post_init__(self) -> None:
+        if not self.groups:
+            raise EdgeError("no gates given (pass None for the defaults)")
+        _check_consistent(self.groups)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The gated metric names, each once, in spec order."""
+        return tuple(dict.fromkeys(g.metric for group in self.groups for g in group.gates))
+
+    def check(self, metrics: Mapping[str, float]) -> GateReport:
+        """Check observed ``metrics`` against every group."""
+        results = []
+        for group in self.groups:
+            values = [_value(metrics, g.metric) for g in group.gates]
+            results.append(GroupResult(group, tuple(GateResult(g, v, g.check(v)) for g, v in zip(group.gates, values))))
+        return GateReport(self, tuple(results))
+
+    def __str__(self) -> str:
+        return ",".join(str(g) for g in self.groups)
+
+
+def _check_consistent(groups: Sequence[GateGroup]) -> None:
+    """Refuse single-gate groups that no value can satisfy together (``size_mb<=10,size_mb>=20``)."""
+    lower: dict[str, Gate] = {}
+    upper: dict[str, Gate] = {}
+    for group in groups:
+        if len(group.gates) != 1:
+            continue
+        gate = group.gates[0]
+        bounds = lower if gate.op == ">=" else upper
+        best = bounds.get(gate.metric)
+        if best is None or (gate.threshold > best.threshold if gate.op == ">=" else gate.threshold < best.threshold):
+            bounds[gate.metric] = gate
+    for metric, lo in lower.items():
+        hi = upper.get(metric)
+        if hi is not None and lo.threshold > hi.threshold:
+            raise EdgeError(f"contradictory gates '{lo}' and '{hi}': no value of {metric} can pass both")
+
+
+DEFAULT_GATES = Gates(
+    (
+        GateGroup((Gate("accuracy_retention", ">=", 0.95),)),
+        GateGroup((Gate("speedup", ">=", 2.0), Gate("compression_ratio", ">=", 2.0))),
+        GateGroup((Gate("latency_cv", "<=", 0.10),)),
+    )
+)
+"""CONVENTIONS.md defaults: accuracy_retention>=0.95, speedup>=2.0|compression_ratio>=2.0, latency_cv<=0.1."""
+
+
+def parse_gates(spec: str | Sequence[str] | Gates | None) -> Gates:
+    """:class:`Gates` from a spec string (comma-separated groups), a sequence of such strings (ANDed), a :class:`Gates`
+    (returned as is), or ``None`` (:data:`DEFAULT_GATES`). :class:`EdgeError` on a bad spec."""
+    if spec is None:
+        return DEFAULT_GATES
+    if isinstance(spec, Gates):
+        return spec
+    parts = [spec] if isinstance(spec, str) else list(spec)
+    groups: list[GateGroup] = []
+    for part in parts:
+        if not isinstance(part, str):
+            raise EdgeError(f"gate spec must be a string, not {type(part).__name__}")
+        if not part.strip():
+            raise EdgeError("empty gate spec (e.g. 'accuracy_retention>=0.95,speedup>=2.0|compression_ratio>=2.0')")
+        groups += [GateGroup.parse(text) for text in part.split(",")]
+    return Gates(tuple(groups))
