@@ -26,3 +26,42 @@ def demo_gguf() -> Path:
     from mlflow_edge.sources import demo_gguf_path
 
     return demo_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def demo_source():
+    """The demo model as a source (dequantized fp32 checkpoint, cached after the first run)."""
+    from mlflow_edge.sources import resolve_source
+
+    return resolve_source("demo")
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tmp_path_factory: pytest.TempPathFactory, demo_source):
+    """A tiny random Llama (2 layers, width 256) with SmolLM2's real tokenizer: a real model in seconds."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from mlflow_edge.sources import from_folder
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(demo_source.path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return from_folder(folder)
+
+
+@pytest.fixture()
+def tiny_settings():
+    """Evaluation settings small enough for the tiny model: seconds per artifact."""
+    from mlflow_edge.evaluation.harness import EvalSettings
+
+    return EvalSettings(window=64, windows=2, threads=2, repeats=2, prefill_tokens=64, prompt_tokens=16,
+                        decode_tokens=8)

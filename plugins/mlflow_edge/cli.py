@@ -143,7 +143,7 @@ def promote(experiment: str, target: str, gates: str | None, policy: str, regist
     from mlflow_edge import registry
     from mlflow_edge.gates import parse_gates
     from mlflow_edge.targets import get_target
-    from mlflow_edge.workflow import tracked_run
+    from mlflow_edge.workflow import log_new_params, tracked_run
 
     get_target(target)
     gate_spec = parse_gates(gates)
@@ -151,8 +151,8 @@ def promote(experiment: str, target: str, gates: str | None, policy: str, regist
     if found is None:
         raise EdgeError(f"experiment not found: {experiment}")
     with tracked_run("promote", experiment):
-        mlflow.log_params({"target": target, "gates": str(gate_spec), "policy": policy,
-                           "registered_model": registered_model})
+        log_new_params({"target": target, "gates": str(gate_spec), "policy": policy,
+                        "registered_model": registered_model})
         result = registry.promote([found.experiment_id], target, gate_spec, policy, registered_model, study)
         mlflow.set_tag("mlflow_edge.promotion", result.describe())
     click.echo(result.describe())

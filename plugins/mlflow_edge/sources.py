@@ -119,13 +119,26 @@ def from_gguf(gguf_path: Path, *, name: str | None = None, origin: str | None = 
 
 def validate_gguf(path: Path) -> str:
     """Read the GGUF header and tensor table; raise :class:`EdgeError` for a corrupt or truncated file."""
-    from gguf import GGUFReader
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+    class SizeCheckingReader(GGUFReader):
+        # gguf-py maps every tensor while it reads the table, and a short file fails there with a bare reshape
+        # error; compare the end of the tensor data with the file size first
+        def _build_tensors(self, start_offs, fields):
+            self.required_bytes = 0
+            for field in fields:
+                dims, raw_type, offset = field.parts[3], field.parts[4], field.parts[5]
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
+                n_bytes = int(dims.prod()) * type_size // block
+                self.required_bytes = max(self.required_bytes, int(start_offs) + int(offset[0]) + n_bytes)
+            if self.required_bytes <= len(self.data):
+                super()._build_tensors(start_offs, fields)
 
     try:
-        reader = GGUFReader(str(path))
+        reader = SizeCheckingReader(str(path))
         arch_field = reader.get_field("general.architecture")
         architecture = arch_field.contents() if arch_field is not None else "unknown"
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+        end = reader.required_bytes
     except Exception as exc:
         raise EdgeError(f"not a valid GGUF file: {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
     if end > path.stat().st_size:

@@ -57,6 +57,13 @@ def tracked_run(run_name: str, experiment: str | None = None, nested: bool = Fal
         mlflow.end_run("FINISHED")
 
 
+def log_new_params(params: Mapping[str, Any]) -> None:
+    """Log ``params`` on the active run, skipping keys already there (``mlflow run`` logs its own parameters)."""
+    run = mlflow.active_run()
+    existing = mlflow.get_run(run.info.run_id).data.params if run else {}
+    mlflow.log_params({k: v for k, v in params.items() if k not in existing})
+
+
 def run_tags(target: str, study: str, role: str, backends: Sequence[str] = ()) -> dict[str, str]:
     """The conventions' tags: target, study, role, hardware fingerprint and framework versions."""
     tags = {"mlflow_edge.target": target, "mlflow_edge.study": study, "mlflow_edge.role": role}
@@ -177,7 +184,7 @@ def run_convert(model: str, backend: str = "llamacpp", precision: str = "f16", t
         progress(f"converting {source.name} to {backend} {precision}")
         artifact = convert(source, backend, precision)
         export_copy(artifact, out)
-        mlflow.log_params(artifact_params(artifact, target))
+        log_new_params(artifact_params(artifact, target))
         mlflow.log_metric("size_mb", artifact.size_bytes / 1e6)
         return log_model_with_metrics(artifact)
 
@@ -194,7 +201,7 @@ def run_quantize(model: str, precision: str, backend: str = "llamacpp", base_pre
         progress(f"quantizing {source.name} to {precision}")
         artifact = quantize(source, base, precision, options, calibration)
         export_copy(artifact, out)
-        mlflow.log_params(artifact_params(artifact, target))
+        log_new_params(artifact_params(artifact, target))
         mlflow.log_metric("size_mb", artifact.size_bytes / 1e6)
         return log_model_with_metrics(artifact)
 
@@ -252,7 +259,7 @@ def run_main(model: str = "demo", backend: str = "llamacpp", types: Sequence[str
         study = parent.info.run_id
         mlflow.set_tag("mlflow_edge.study", study)
         source = resolve_source(model)
-        mlflow.log_params({"model": model, "source": source.name, "source.sha256": source.sha256, "backend": backend,
+        log_new_params({"model": model, "source": source.name, "source.sha256": source.sha256, "backend": backend,
                            "target": target, "types": ",".join(types), "gates": str(gate_spec), "policy": policy,
                            **settings.params()})
         progress(f"source {source.name}: {source.num_parameters / 1e6:.1f} M parameters")

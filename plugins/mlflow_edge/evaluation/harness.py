@@ -80,13 +80,17 @@ class Evaluator:
         self.workdir = Path(workdir or self._tmp.name)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tokens_path = self.workdir / "tokens.npy"
-        np.save(self.tokens_path, self._token_windows())
+        self.prompt_path = self.workdir / "prompt.npy"
+        windows, prompt = self._tokenize()
+        np.save(self.tokens_path, windows)
+        np.save(self.prompt_path, prompt)
         key = {"source": source.sha256, "eval": self.settings.text.sha256, "window": self.settings.window,
                "windows": self.settings.windows}
         self._reference_dir = cache.cache_root() / "reference" / cache.key_digest(key)
         self.reference_metrics: dict[str, float] | None = None
 
-    def _token_windows(self) -> np.ndarray:
+    def _tokenize(self) -> tuple[np.ndarray, np.ndarray]:
+        """Accuracy windows ``[windows, window]`` and the prompt stream for the speed runs."""
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(self.source.path)
@@ -96,7 +100,8 @@ class Evaluator:
         if len(ids) < max(needed, s.prefill_tokens, s.prompt_tokens):
             raise EdgeError(f"evaluation text {s.text.label} has {len(ids)} tokens; {needed} are needed "
                             f"({s.windows} windows of {s.window})")
-        return np.asarray(ids[:needed], dtype=np.int32).reshape(s.windows, s.window)
+        windows = np.asarray(ids[:needed], dtype=np.int32).reshape(s.windows, s.window)
+        return windows, np.asarray(ids[: max(s.prefill_tokens, s.prompt_tokens)], dtype=np.int32)
 
     def evaluate_reference(self) -> dict[str, float]:
         """Measure the source model itself; its metrics are the baseline of every ratio."""
@@ -131,6 +136,7 @@ class Evaluator:
         spec = {
             **job,
             "tokens": str(self.tokens_path),
+            "prompt": str(self.prompt_path),
             "window": s.window,
             "threads": s.threads,
             "repeats": s.repeats,

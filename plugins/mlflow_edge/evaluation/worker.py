@@ -45,8 +45,8 @@ def _load(spec: dict[str, Any]) -> Runner:
     return get_backend(artifact.backend).load(artifact, spec["threads"], spec["context_tokens"])
 
 
-def measure_speed(runner: Runner, tokens: np.ndarray, spec: dict[str, Any]) -> dict[str, float]:
-    flat = tokens.reshape(-1).tolist()
+def measure_speed(runner: Runner, stream: np.ndarray, spec: dict[str, Any]) -> dict[str, float]:
+    flat = stream.reshape(-1).tolist()
     prompt = flat[: spec["prompt_tokens"]]
     prefill = flat[: spec["prefill_tokens"]]
     runner.generate(prompt, 2)  # warm-up: first-call allocations and caches
@@ -90,7 +90,7 @@ def run(spec: dict[str, Any]) -> dict[str, float]:
     runner = _load(spec)
     metrics = {"load_s": time.perf_counter() - start}
     try:
-        metrics.update(measure_speed(runner, tokens, spec))
+        metrics.update(measure_speed(runner, np.load(spec["prompt"]), spec))
         metrics["peak_rss_mb"] = _peak_rss_mb()
         metrics.update(measure_accuracy(runner, tokens, spec))
     finally:

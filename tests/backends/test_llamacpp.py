@@ -1,0 +1,317 @@
+"""The llama.cpp backend on a tiny random Llama: real conversion, real quantization, real inference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlflow_edge import workflow
+from mlflow_edge.backends.base import Artifact, EdgeError
+from mlflow_edge.evaluation.data import calibration_text, evaluation_text
+from mlflow_edge.sources import SourceModel
+
+pytest.importorskip("llama_cpp")
+gguf = pytest.importorskip("gguf")
+
+from mlflow_edge.backends.llamacpp import LlamaCppBackend, LlamaCppRunner, quant_types, read_imatrix  # noqa: E402
+
+WIDTH = 256
+VOCAB = 49152
+LLAMA_FTYPE = {"F32": 0, "F16": 1, "Q8_0": 7}
+
+
+def file_type(path: Path) -> int:
+    return int(gguf.GGUFReader(str(path)).get_field("general.file_type").contents())
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def block_matrices(types: dict[str, str], path: Path) -> dict[str, str]:
+    """The 2-D weights of the transformer blocks (norms are 1-D and stay F32)."""
+    shapes = {t.name: len(t.shape) for t in gguf.GGUFReader(str(path)).tensors}
+    return {name: kind for name, kind in types.items() if name.startswith("blk.") and shapes[name] == 2}
+
+
+@pytest.fixture(scope="module")
+def backend() -> LlamaCppBackend:
+    return LlamaCppBackend()
+
+
+@pytest.fixture(scope="module")
+def f16(tiny_source: SourceModel) -> Artifact:
+    return workflow.convert(tiny_source, "llamacpp", "f16")
+
+
+@pytest.fixture(scope="module")
+def q8_base(tiny_source: SourceModel) -> Artifact:
+    return workflow.convert(tiny_source, "llamacpp", "q8_0")
+
+
+@pytest.fixture(scope="module")
+def f32(tiny_source: SourceModel) -> Artifact:
+    return workflow.convert(tiny_source, "llamacpp", "f32")
+
+
+@pytest.fixture(scope="module")
+def quantized(backend: LlamaCppBackend, f16: Artifact, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Artifact]:
+    root = tmp_path_factory.mktemp("quantized")
+    return {q: backend.quantize(f16, root / q, q) for q in ("Q2_K", "Q4_K_M", "Q8_0")}
+
+
+@pytest.fixture(scope="module")
+def tokens(tiny_source: SourceModel) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_source.path)
+    ids = tokenizer(evaluation_text().text()[:2000], add_special_tokens=False)["input_ids"]
+    return ids[:64]
+
+
+@pytest.fixture(scope="module")
+def runner(backend: LlamaCppBackend, quantized: dict[str, Artifact]):
+    loaded = backend.load(quantized["Q4_K_M"], threads=2, context_tokens=128)
+    yield loaded
+    loaded.close()
+
+
+# -- convert -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("precision", "expected"), [("f16", "F16"), ("q8_0", "Q8_0"), ("f32", "F32")])
+def test_convert_writes_gguf_of_the_requested_type(tiny_source: SourceModel, precision: str, expected: str) -> None:
+    artifact = workflow.convert(tiny_source, "llamacpp", precision)
+    assert artifact.precision == expected
+    assert artifact.backend == "llamacpp" and artifact.format == "gguf"
+    assert artifact.path.name == "model.gguf" and artifact.files == (artifact.path,)
+    assert artifact.source_sha256 == tiny_source.sha256 and artifact.num_parameters == tiny_source.num_parameters
+    assert file_type(artifact.path) == LLAMA_FTYPE[expected]
+    reader = gguf.GGUFReader(str(artifact.path))
+    assert reader.get_field("general.architecture").contents() == "llama"
+    assert int(reader.get_field("llama.block_count").contents()) == 2
+    assert int(reader.get_field("llama.embedding_length").contents()) == WIDTH
+    types = tensor_types(artifact.path)
+    assert types["blk.0.attn_q.weight"] == expected
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    # the tensors take 2 (f16), 34/32 (q8_0) or 4 (f32) bytes per weight; the rest is metadata (the vocabulary)
+    per_weight = {"F16": 2.0, "Q8_0": 34 / 32, "F32": 4.0}[expected]
+    tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+    assert tensor_bytes == pytest.approx(per_weight * tiny_source.num_parameters, rel=0.01)
+    assert tensor_bytes < artifact.size_bytes < tensor_bytes + 4_000_000
+
+
+def test_convert_is_cached(tiny_source: SourceModel, f16: Artifact) -> None:
+    again = workflow.convert(tiny_source, "llamacpp", "F16")
+    assert again.path == f16.path
+    assert again == f16
+
+
+def test_unknown_conversion_type_is_refused(tiny_source: SourceModel, backend: LlamaCppBackend, tmp_path: Path) -> None:
+    with pytest.raises(EdgeError, match="unknown GGUF conversion type 'q4_k_m'"):
+        workflow.convert(tiny_source, "llamacpp", "q4_k_m")
+    with pytest.raises(EdgeError, match="'int3'"):
+        backend.convert(tiny_source, tmp_path / "out", "int3")
+    assert not (tmp_path / "out").exists()
+
+
+# -- quantize ----------------------------------------------------------------------------------------------------
+def test_quantized_sizes_are_ordered(quantized: dict[str, Artifact], f16: Artifact) -> None:
+    sizes = {q: a.size_bytes for q, a in quantized.items()}
+    assert sizes["Q2_K"] < sizes["Q4_K_M"] < sizes["Q8_0"] < f16.size_bytes
+    types = quant_types()
+    for qtype, artifact in quantized.items():
+        assert artifact.precision == qtype
+        assert file_type(artifact.path) == types[qtype]
+        assert artifact.options == {"imatrix": False, "base_precision": "F16"}
+        assert artifact.source_sha256 == f16.source_sha256
+        assert artifact.path.parent.name == qtype and artifact.path.is_file()
+        assert not list(artifact.path.parent.glob("*.partial"))
+    assert tensor_types(quantized["Q8_0"].path)["blk.0.ffn_up.weight"] == "Q8_0"
+    assert tensor_types(quantized["Q4_K_M"].path)["blk.0.ffn_up.weight"] == "Q4_K"
+    assert tensor_types(quantized["Q2_K"].path)["blk.0.ffn_up.weight"] == "Q2_K"
+
+
+def test_workflow_quantize_is_cached(tiny_source: SourceModel, f16: Artifact) -> None:
+    first = workflow.quantize(tiny_source, f16, "q4_k_m")
+    second = workflow.quantize(tiny_source, f16, "Q4_K_M")
+    assert first == second and first.precision == "Q4_K_M"
+    assert file_type(first.path) == quant_types()["Q4_K_M"]
+
+
+def test_unknown_quantization_type_is_refused(backend: LlamaCppBackend, f16: Artifact, tmp_path: Path) -> None:
+    with pytest.raises(EdgeError, match="unknown GGUF quantization type 'Q9_K'"):
+        backend.quantize(f16, tmp_path / "out", "Q9_K")
+    assert not (tmp_path / "out").exists()
+
+
+def test_iq2_xs_needs_an_importance_matrix(backend: LlamaCppBackend, f16: Artifact, tmp_path: Path) -> None:
+    with pytest.raises(EdgeError, match="imatrix") as exc:
+        backend.quantize(f16, tmp_path / "out", "IQ2_XS")
+    assert "IQ2_XS" in str(exc.value) and "\n" not in str(exc.value)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(EdgeError, match="calibration"):  # an imatrix without calibration text
+        backend.quantize(f16, tmp_path / "out2", "IQ2_XS", {"imatrix": True})
+
+
+def test_iq2_xs_with_an_importance_matrix(backend: LlamaCppBackend, f16: Artifact, tiny_source: SourceModel,
+                                          tmp_path: Path) -> None:
+    calibration = calibration_text()
+    artifact = backend.quantize(f16, tmp_path / "iq", "IQ2_XS", {"imatrix": True}, calibration=calibration,
+                                source=tiny_source)
+    assert artifact.precision == "IQ2_XS"
+    assert file_type(artifact.path) == quant_types()["IQ2_XS"]
+    assert artifact.options["imatrix"] is True
+    assert artifact.options["calib.dataset"] == calibration.label == "wikitext-2[40000:]"
+    assert artifact.options["calib.sha256"] == calibration.sha256
+    assert tensor_types(artifact.path)["blk.0.ffn_up.weight"] == "IQ2_XS"
+
+    imatrix_path = tmp_path / "iq" / "imatrix.gguf"
+    names = {t.name for t in gguf.GGUFReader(str(imatrix_path)).tensors}
+    assert {"blk.0.attn_q.weight.in_sum2", "blk.0.attn_q.weight.counts", "blk.1.ffn_down.weight.in_sum2"} <= names
+    matrix = read_imatrix(imatrix_path)
+    assert len(matrix) == 14  # 7 matmuls x 2 blocks (the tied output reuses token_embd)
+    q = matrix["blk.0.attn_q.weight"]
+    assert q.shape == (WIDTH,) and q.dtype == np.float32
+    assert np.all(np.isfinite(q)) and np.all(q >= 0) and q.mean() > 0
+    assert matrix["blk.0.ffn_down.weight"].shape == (512,)  # columns of ffn_down: the intermediate width
+
+
+def test_pure_uses_one_type_for_every_block_matrix(backend: LlamaCppBackend, f16: Artifact, quantized,
+                                                   tmp_path: Path) -> None:
+    mixed = block_matrices(tensor_types(quantized["Q4_K_M"].path), quantized["Q4_K_M"].path)
+    assert set(mixed.values()) == {"Q4_K", "Q6_K"}  # the default Q4_K_M mixture
+    pure = backend.quantize(f16, tmp_path / "pure", "Q4_K_M", {"pure": True})
+    types = tensor_types(pure.path)
+    blocks = block_matrices(types, pure.path)
+    assert len(blocks) == 14 and set(blocks.values()) == {"Q4_K"}
+    assert {types[name] for name in types if name.endswith("norm.weight")} == {"F32"}
+    assert pure.options["pure"] is True
+    assert pure.size_bytes < quantized["Q4_K_M"].size_bytes
+
+
+def test_token_embedding_and_output_types(backend: LlamaCppBackend, f16: Artifact, quantized, tmp_path: Path) -> None:
+    assert tensor_types(quantized["Q4_K_M"].path)["token_embd.weight"] == "Q6_K"
+    options = {"output_tensor_type": "Q8_0", "token_embedding_type": "Q8_0"}
+    artifact = backend.quantize(f16, tmp_path / "emb", "Q4_K_M", options)
+    types = tensor_types(artifact.path)
+    assert types["token_embd.weight"] == "Q8_0"
+    assert types["blk.0.ffn_up.weight"] == "Q4_K"
+    assert artifact.options["token_embedding_type"] == "Q8_0"
+    assert artifact.size_bytes > quantized["Q4_K_M"].size_bytes
+
+
+def test_requantizing_needs_allow_requantize(backend: LlamaCppBackend, q8_base: Artifact, tmp_path: Path) -> None:
+    assert q8_base.precision == "Q8_0"
+    with pytest.raises(EdgeError, match="allow_requantize"):
+        backend.quantize(q8_base, tmp_path / "refused", "Q4_K_M")
+    assert not (tmp_path / "refused" / "model.gguf").exists()
+    artifact = backend.quantize(q8_base, tmp_path / "requantized", "Q4_K_M", {"allow_requantize": True})
+    assert artifact.precision == "Q4_K_M"
+    assert artifact.options["base_precision"] == "Q8_0" and artifact.options["allow_requantize"] is True
+    assert file_type(artifact.path) == quant_types()["Q4_K_M"]
+    assert artifact.size_bytes < q8_base.size_bytes
+
+
+def test_bad_options_are_refused(backend: LlamaCppBackend, f16: Artifact, tmp_path: Path) -> None:
+    with pytest.raises(EdgeError, match="unknown llamacpp option.*imatrx"):
+        backend.quantize(f16, tmp_path / "a", "Q4_K_M", {"imatrx": True})
+    with pytest.raises(EdgeError, match="unknown ggml tensor type: Q9_9"):
+        backend.quantize(f16, tmp_path / "b", "Q4_K_M", {"token_embedding_type": "Q9_9"})
+    with pytest.raises(EdgeError, match="unknown ggml tensor type: int3"):
+        backend.quantize(f16, tmp_path / "c", "Q4_K_M", {"output_tensor_type": "int3"})
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_quant_types_cover_llama_quantize() -> None:
+    types = quant_types()
+    expected = {"Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "IQ2_XS", "IQ4_NL", "F16", "F32"}
+    assert expected <= set(types)
+    assert types["F32"] == 0 and types["F16"] == 1 and types["Q8_0"] == 7
+    assert len(set(types.values())) == len(types)
+    assert set(LlamaCppBackend().quantize_precisions()) == set(types)
+
+
+# -- runner ------------------------------------------------------------------------------------------------------
+def test_logits_shape_and_determinism(runner, tokens: list[int]) -> None:
+    logits = runner.logits(tokens)
+    assert logits.shape == (len(tokens), VOCAB) and logits.dtype == np.float32
+    assert np.all(np.isfinite(logits))
+    assert np.array_equal(runner.logits(tokens), logits)
+    assert not np.allclose(logits[0], logits[-1])  # positions differ
+
+
+def test_logits_are_causal(runner, tokens: list[int]) -> None:
+    full = runner.logits(tokens)
+    for k in (1, 17, 40):
+        np.testing.assert_allclose(full[:k], runner.logits(tokens[:k]), atol=1e-3)
+
+
+def test_generate_is_timed(runner, tokens: list[int]) -> None:
+    result = runner.generate(tokens[:16], 8)
+    assert result.prompt_tokens == 16 and result.generated_tokens == 8
+    assert 0 < result.ttft_s <= result.total_s
+    assert runner.prefill(tokens[:32]) > 0
+
+
+def test_sequences_longer_than_the_context_are_refused(runner, tokens: list[int]) -> None:
+    too_long = (tokens * 3)[:129]
+    with pytest.raises(EdgeError, match="129 tokens exceeds the context of 128"):
+        runner.logits(too_long)
+    with pytest.raises(EdgeError, match="context of 128"):
+        runner.generate(too_long[:125], 8)  # 125 prompt tokens fit, the 8 generated do not
+    assert runner.logits(tokens[:8]).shape == (8, VOCAB)  # still usable afterwards
+
+
+def test_close_twice_is_safe(backend: LlamaCppBackend, quantized: dict[str, Artifact]) -> None:
+    loaded = backend.load(quantized["Q2_K"], threads=2, context_tokens=64)
+    assert loaded.logits([1, 2, 3]).shape == (3, VOCAB)
+    loaded.close()
+    loaded.close()
+
+
+def test_corrupt_gguf_does_not_load(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(EdgeError, match="llama.cpp cannot load") as exc:
+        LlamaCppRunner(junk, threads=2, context_tokens=128)
+    assert str(junk) in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_llama_cpp_matches_transformers(tiny_source: SourceModel, backend: LlamaCppBackend, f32: Artifact,
+                                        tokens: list[int]) -> None:
+    from mlflow_edge.backends.reference import TransformersRunner
+
+    reference = TransformersRunner(tiny_source.path, threads=2, context_tokens=128)
+    loaded = backend.load(f32, threads=2, context_tokens=128)
+    try:
+        expected = reference.logits(tokens)
+        actual = loaded.logits(tokens)
+    finally:
+        loaded.close()
+        reference.close()
+    assert expected.shape == actual.shape == (len(tokens), VOCAB) and expected.dtype == np.float32
+    assert np.abs(expected - actual).max() < 1e-2  # measured ~5e-4 on logits of magnitude ~2
+    assert (expected.argmax(-1) == actual.argmax(-1)).mean() >= 0.95
+
+
+# -- the demo model end to end -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_demo_q2_k_is_worse_than_q8_0(demo_source: SourceModel) -> None:
+    from mlflow_edge.evaluation.harness import EvalSettings, Evaluator
+
+    base = workflow.convert(demo_source, "llamacpp", "f16")
+    assert base.precision == "F16" and file_type(base.path) == 1
+    q2 = workflow.quantize(demo_source, base, "Q2_K")
+    q8 = workflow.quantize(demo_source, base, "Q8_0")
+    assert q2.size_bytes < q8.size_bytes < base.size_bytes
+    evaluator = Evaluator(demo_source, EvalSettings(window=128, windows=4, repeats=2))
+    try:
+        metrics = {artifact.precision: evaluator.evaluate(artifact) for artifact in (q2, q8)}
+    finally:
+        evaluator.close()
+    low, high = metrics["Q2_K"], metrics["Q8_0"]
+    assert low["perplexity"] > high["perplexity"]
+    assert low["kld_mean"] > high["kld_mean"]
+    assert high["accuracy_retention"] > 0.98
+    assert high["top1_agreement"] > low["top1_agreement"]
