@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +24,42 @@ VOCAB = 49152
 LLAMA_FTYPE = {"F32": 0, "F16": 1, "Q8_0": 7}
 
 
+@dataclasses.dataclass(frozen=True)
+class GGUFInfo:
+    file_type: int
+    metadata: dict[str, object]
+    types: dict[str, str]  # tensor name -> ggml type name
+    ndims: dict[str, int]
+    tensor_bytes: int
+
+
+@functools.lru_cache(maxsize=None)
+def inspect_gguf(path: Path) -> GGUFInfo:
+    """One read of a GGUF file (parsing the 49k-token vocabulary takes a moment, so once per file)."""
+    reader = gguf.GGUFReader(str(path))
+    metadata = {name: reader.get_field(name).contents()
+                for name in ("general.architecture", "llama.block_count", "llama.embedding_length")}
+    return GGUFInfo(
+        file_type=int(reader.get_field("general.file_type").contents()),
+        metadata=metadata,
+        types={t.name: t.tensor_type.name for t in reader.tensors},
+        ndims={t.name: len(t.shape) for t in reader.tensors},
+        tensor_bytes=sum(int(t.n_bytes) for t in reader.tensors),
+    )
+
+
 def file_type(path: Path) -> int:
-    return int(gguf.GGUFReader(str(path)).get_field("general.file_type").contents())
+    return inspect_gguf(path).file_type
 
 
 def tensor_types(path: Path) -> dict[str, str]:
-    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    return inspect_gguf(path).types
 
 
-def block_matrices(types: dict[str, str], path: Path) -> dict[str, str]:
-    """The 2-D weights of the transformer blocks (norms are 1-D and stay F32)."""
-    shapes = {t.name: len(t.shape) for t in gguf.GGUFReader(str(path)).tensors}
-    return {name: kind for name, kind in types.items() if name.startswith("blk.") and shapes[name] == 2}
+def block_matrices(path: Path) -> dict[str, str]:
+    """Types of the 2-D weights of the transformer blocks (norms are 1-D and stay F32)."""
+    info = inspect_gguf(path)
+    return {name: kind for name, kind in info.types.items() if name.startswith("blk.") and info.ndims[name] == 2}
 
 
 @pytest.fixture(scope="module")
@@ -87,16 +113,14 @@ def test_convert_writes_gguf_of_the_requested_type(tiny_source: SourceModel, pre
     assert artifact.path.name == "model.gguf" and artifact.files == (artifact.path,)
     assert artifact.source_sha256 == tiny_source.sha256 and artifact.num_parameters == tiny_source.num_parameters
     assert file_type(artifact.path) == LLAMA_FTYPE[expected]
-    reader = gguf.GGUFReader(str(artifact.path))
-    assert reader.get_field("general.architecture").contents() == "llama"
-    assert int(reader.get_field("llama.block_count").contents()) == 2
-    assert int(reader.get_field("llama.embedding_length").contents()) == WIDTH
+    info = inspect_gguf(artifact.path)
+    assert info.metadata == {"general.architecture": "llama", "llama.block_count": 2, "llama.embedding_length": WIDTH}
     types = tensor_types(artifact.path)
     assert types["blk.0.attn_q.weight"] == expected
     assert types["blk.0.attn_norm.weight"] == "F32"
     # the tensors take 2 (f16), 34/32 (q8_0) or 4 (f32) bytes per weight; the rest is metadata (the vocabulary)
     per_weight = {"F16": 2.0, "Q8_0": 34 / 32, "F32": 4.0}[expected]
-    tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+    tensor_bytes = info.tensor_bytes
     assert tensor_bytes == pytest.approx(per_weight * tiny_source.num_parameters, rel=0.01)
     assert tensor_bytes < artifact.size_bytes < tensor_bytes + 4_000_000
 
@@ -157,8 +181,8 @@ def test_iq2_xs_needs_an_importance_matrix(backend: LlamaCppBackend, f16: Artifa
 def test_iq2_xs_with_an_importance_matrix(backend: LlamaCppBackend, f16: Artifact, tiny_source: SourceModel,
                                           tmp_path: Path) -> None:
     calibration = calibration_text()
-    artifact = backend.quantize(f16, tmp_path / "iq", "IQ2_XS", {"imatrix": True}, calibration=calibration,
-                                source=tiny_source)
+    options = {"imatrix": True, "imatrix_chunks": 4}  # 4 x 512 calibration tokens keep the test quick
+    artifact = backend.quantize(f16, tmp_path / "iq", "IQ2_XS", options, calibration=calibration, source=tiny_source)
     assert artifact.precision == "IQ2_XS"
     assert file_type(artifact.path) == quant_types()["IQ2_XS"]
     assert artifact.options["imatrix"] is True
@@ -167,7 +191,11 @@ def test_iq2_xs_with_an_importance_matrix(backend: LlamaCppBackend, f16: Artifac
     assert tensor_types(artifact.path)["blk.0.ffn_up.weight"] == "IQ2_XS"
 
     imatrix_path = tmp_path / "iq" / "imatrix.gguf"
-    names = {t.name for t in gguf.GGUFReader(str(imatrix_path)).tensors}
+    reader = gguf.GGUFReader(str(imatrix_path))
+    assert reader.get_field("general.type").contents() == "imatrix"
+    assert int(reader.get_field("imatrix.chunk_count").contents()) == 4
+    assert artifact.options["imatrix_chunks"] == 4
+    names = {t.name for t in reader.tensors}
     assert {"blk.0.attn_q.weight.in_sum2", "blk.0.attn_q.weight.counts", "blk.1.ffn_down.weight.in_sum2"} <= names
     matrix = read_imatrix(imatrix_path)
     assert len(matrix) == 14  # 7 matmuls x 2 blocks (the tied output reuses token_embd)
@@ -179,11 +207,11 @@ def test_iq2_xs_with_an_importance_matrix(backend: LlamaCppBackend, f16: Artifac
 
 def test_pure_uses_one_type_for_every_block_matrix(backend: LlamaCppBackend, f16: Artifact, quantized,
                                                    tmp_path: Path) -> None:
-    mixed = block_matrices(tensor_types(quantized["Q4_K_M"].path), quantized["Q4_K_M"].path)
+    mixed = block_matrices(quantized["Q4_K_M"].path)
     assert set(mixed.values()) == {"Q4_K", "Q6_K"}  # the default Q4_K_M mixture
     pure = backend.quantize(f16, tmp_path / "pure", "Q4_K_M", {"pure": True})
     types = tensor_types(pure.path)
-    blocks = block_matrices(types, pure.path)
+    blocks = block_matrices(pure.path)
     assert len(blocks) == 14 and set(blocks.values()) == {"Q4_K"}
     assert {types[name] for name in types if name.endswith("norm.weight")} == {"F32"}
     assert pure.options["pure"] is True

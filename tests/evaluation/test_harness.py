@@ -1,0 +1,133 @@
+"""The harness on real runtimes: the tiny Llama in transformers (reference) and in llama.cpp (candidates)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from mlflow_edge import workflow
+from mlflow_edge.backends.base import Artifact, EdgeError
+from mlflow_edge.evaluation.harness import EvalSettings, Evaluator, relative_metrics
+from mlflow_edge.gates import METRICS
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_source):
+    settings = EvalSettings(window=64, windows=2, threads=2, repeats=2, prefill_tokens=64, prompt_tokens=16,
+                            decode_tokens=8)
+    evaluator = Evaluator(tiny_source, settings)
+    base = workflow.convert(tiny_source, "llamacpp", "f16")
+    artifacts = {q: workflow.quantize(tiny_source, base, q) for q in ("Q2_K", "Q8_0")}
+    reference = evaluator.evaluate_reference()
+    results = {q: evaluator.evaluate(a) for q, a in artifacts.items()}
+    yield evaluator, reference, artifacts, results
+    evaluator.close()
+
+
+def test_every_conventions_metric_is_measured(evaluated):
+    _, reference, _, results = evaluated
+    for metrics in (reference, *results.values()):
+        assert set(METRICS) <= set(metrics)
+        assert all(v == v for v in metrics.values())  # no NaN
+
+
+def test_reference_ratios_are_identities(evaluated):
+    _, reference, _, _ = evaluated
+    assert reference["compression_ratio"] == 1.0 and reference["accuracy_retention"] == 1.0
+    assert reference["speedup"] == 1.0 and reference["memory_reduction"] == 0.0
+    assert reference["kld_mean"] == 0.0 and reference["top1_agreement"] == 1.0
+    assert reference["bits_per_weight"] == pytest.approx(32.0, rel=0.01)  # fp32 safetensors
+
+
+def test_lower_precision_diverges_more(evaluated):
+    _, _, _, results = evaluated
+    assert results["Q2_K"]["kld_mean"] > results["Q8_0"]["kld_mean"] > 0
+    assert results["Q2_K"]["top1_agreement"] <= results["Q8_0"]["top1_agreement"]
+    assert results["Q2_K"]["size_mb"] < results["Q8_0"]["size_mb"]
+    assert results["Q8_0"]["bits_per_weight"] == pytest.approx(8 * results["Q8_0"]["size_mb"] * 1e6 / 13763840, rel=1e-6)
+
+
+def test_ratios_follow_their_definitions(evaluated):
+    _, reference, _, results = evaluated
+    metrics = results["Q8_0"]
+    assert metrics["compression_ratio"] == pytest.approx(reference["size_mb"] / metrics["size_mb"])
+    assert metrics["accuracy_retention"] == pytest.approx(reference["perplexity"] / metrics["perplexity"])
+    assert metrics["speedup"] == pytest.approx(metrics["decode_tok_s"] / reference["decode_tok_s"])
+    assert metrics["memory_reduction"] == pytest.approx(1 - metrics["peak_rss_mb"] / reference["peak_rss_mb"])
+    assert relative_metrics(metrics, reference)["speedup"] == pytest.approx(metrics["speedup"])
+
+
+def test_memory_is_measured_per_process(evaluated):
+    _, reference, _, results = evaluated
+    # torch + an fp32 model in the reference process; a small GGUF in llama.cpp's: separate processes, separate peaks
+    assert 0 < results["Q2_K"]["peak_rss_mb"] < reference["peak_rss_mb"]
+    assert results["Q2_K"]["latency_ms_p50"] <= results["Q2_K"]["latency_ms_p95"]
+
+
+def test_same_artifact_same_accuracy(evaluated):
+    evaluator, _, artifacts, results = evaluated
+    again = evaluator.evaluate(artifacts["Q8_0"])
+    for metric in ("perplexity", "kld_mean", "kld_p99", "top1_agreement", "size_mb"):
+        assert again[metric] == results["Q8_0"][metric], metric
+
+
+def test_broken_artifact_fails_with_one_line(evaluated, tmp_path):
+    evaluator, _, artifacts, _ = evaluated
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"\0" * 4096)
+    broken = dataclasses.replace(artifacts["Q8_0"], path=junk, files=(junk,))
+    with pytest.raises(EdgeError, match="evaluation failed: llama.cpp cannot load") as info:
+        evaluator.evaluate(broken)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_backend_in_artifact_fails(evaluated):
+    evaluator, _, artifacts, _ = evaluated
+    alien = dataclasses.replace(artifacts["Q8_0"], backend="tensorrt")
+    with pytest.raises(EdgeError, match="unknown backend 'tensorrt'"):
+        evaluator.evaluate(alien)
+
+
+@pytest.mark.parametrize("field", ["window", "windows", "threads", "repeats", "decode_tokens"])
+def test_bad_settings_are_refused(field):
+    with pytest.raises(EdgeError, match=field):
+        EvalSettings(**{field: 0})
+
+
+def test_text_too_short_is_refused(tiny_source, tmp_path):
+    from mlflow_edge.evaluation.data import evaluation_text
+
+    short = tmp_path / "short.txt"
+    short.write_text("A few words only.")
+    with pytest.raises(EdgeError, match="tokens;"):
+        Evaluator(tiny_source, EvalSettings(text=evaluation_text(short)))
+
+
+def test_settings_params_name_the_text(tiny_settings):
+    params = tiny_settings.params()
+    assert params["eval.dataset"] == "wikitext-2[0:40000]"
+    assert len(params["eval.sha256"]) == 64
+    assert set(params) == {"eval.dataset", "eval.window", "eval.windows", "eval.threads", "eval.repeats", "eval.sha256"}
+
+
+@pytest.mark.slow
+def test_smollm2_q2_k_is_worse_than_q8_0(demo_source):
+    """The issue's acceptance check on the real SmolLM2-135M."""
+    evaluator = Evaluator(demo_source, EvalSettings(window=128, windows=4, repeats=2, decode_tokens=8))
+    try:
+        base = workflow.convert(demo_source, "llamacpp", "f16")
+        q2 = evaluator.evaluate(workflow.quantize(demo_source, base, "Q2_K"))
+        q8 = evaluator.evaluate(workflow.quantize(demo_source, base, "Q8_0"))
+    finally:
+        evaluator.close()
+    assert q2["perplexity"] > q8["perplexity"]
+    assert q2["kld_mean"] > q8["kld_mean"]
+    assert q8["accuracy_retention"] > 0.98
+    assert q2["size_mb"] < q8["size_mb"]
+
+
+def test_artifact_round_trips_through_json(evaluated):
+    _, _, artifacts, _ = evaluated
+    artifact = artifacts["Q2_K"]
+    assert Artifact.from_json(artifact.to_json()) == artifact

@@ -1,0 +1,47 @@
+"""`mlflow run` of the MLproject entry points, as a user runs them (subprocess, real sqlite store)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mlflow_run(entry: str, uri: str, *params: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    args = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry, "--env-manager", "local",
+            "--experiment-name", "edge-project"]
+    for param in params:
+        args += ["-P", param]
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_main_entry_point_registers_a_champion(tracking_uri, tiny_source, tmp_path):
+    mlflow.create_experiment("edge-project", artifact_location=str(tmp_path / "artifacts"))
+    done = mlflow_run("main", tracking_uri, f"model={tiny_source.path}", "types=Q4_0,Q8_0", "windows=2",
+                      "repeats=2", "gates=accuracy_retention>=0.9", "registered_model=tiny-project")
+    assert done.returncode == 0, done.stderr[-3000:]
+    champion = MlflowClient().get_model_version_by_alias("tiny-project", "cpu-champion")
+    assert champion.tags["precision"] == "Q4_0"
+    runs = mlflow.search_runs(experiment_names=["edge-project"])
+    assert set(runs["status"]) == {"FINISHED"} and len(runs) == 4  # study, reference, two candidates
+
+
+@pytest.mark.slow
+def test_entry_point_failure_marks_the_run_failed(tracking_uri, tmp_path):
+    mlflow.create_experiment("edge-project", artifact_location=str(tmp_path / "artifacts"))
+    done = mlflow_run("convert", tracking_uri, "model=./no/such/model")
+    assert done.returncode != 0
+    assert "mlflow-edge: error: model path not found: ./no/such/model" in done.stderr
+    run = mlflow.search_runs(experiment_names=["edge-project"]).iloc[0]
+    assert run["status"] == "FAILED"
+    assert run["tags.mlflow_edge.error"] == "model path not found: ./no/such/model"
