@@ -31,8 +31,10 @@ class Policy:
     metric: str
 
     def key(self, metrics: dict[str, float]) -> float:
-        value = metrics.get(self.metric, math.nan)
-        value = -math.inf if value is None or math.isnan(value) else value
+        """Larger is better; a missing or NaN metric ranks last."""
+        value = metrics.get(self.metric)
+        if value is None or math.isnan(value):
+            return -math.inf
         return value if self.direction == "max" else -value
 
     def __str__(self) -> str:

@@ -1,0 +1,34 @@
+"""CLI helpers: option parsing and one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from mlflow_edge.backends.base import EdgeError
+from mlflow_edge.cli import main, parse_options
+
+
+def test_parse_options_strips_the_backend_prefix():
+    assert parse_options("llamacpp.imatrix=true, pure=false,output_tensor_type=Q8_0") == {
+        "imatrix": "true", "pure": "false", "output_tensor_type": "Q8_0"}
+    assert parse_options("") == {} and parse_options(None) == {}
+
+
+@pytest.mark.parametrize("spec", ["imatrix", "=true", "a=1,b"])
+def test_parse_options_refuses_items_without_a_value(spec):
+    with pytest.raises(EdgeError, match="key=value"):
+        parse_options(spec)
+
+
+def test_help_lists_every_entry_point():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for command in ("convert", "quantize", "evaluate", "promote", "main", "quant-types"):
+        assert command in result.output
+
+
+def test_unknown_backend_is_one_line():
+    result = CliRunner().invoke(main, ["quant-types", "--backend", "tensorrt"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "mlflow-edge: error: unknown backend 'tensorrt' (choose from llamacpp)"

@@ -1,0 +1,56 @@
+"""Promotion policy and candidate selection on a real sqlite store."""
+
+from __future__ import annotations
+
+import math
+
+import mlflow
+import pytest
+
+from mlflow_edge import registry
+from mlflow_edge.backends.base import EdgeError
+from mlflow_edge.gates import parse_gates
+
+
+def test_policy_orders_by_direction():
+    fast = registry.parse_policy("max:decode_tok_s")
+    small = registry.parse_policy("min:size_mb")
+    a, b = {"decode_tok_s": 100.0, "size_mb": 90.0}, {"decode_tok_s": 80.0, "size_mb": 70.0}
+    assert fast.key(a) > fast.key(b) and small.key(b) > small.key(a)
+    assert fast.key({}) == -math.inf and small.key({"size_mb": math.nan}) == -math.inf
+    assert str(fast) == "max:decode_tok_s"
+
+
+@pytest.mark.parametrize("spec", ["decode_tok_s", "fastest:decode_tok_s", "max:vibes", "max:"])
+def test_bad_policies_are_refused(spec):
+    with pytest.raises(EdgeError, match="bad promotion policy"):
+        registry.parse_policy(spec)
+
+
+def test_only_finished_candidates_of_the_target_with_a_model_compete(tracking_uri):
+    experiment = mlflow.set_experiment("edge")
+    def make(role, target, status="FINISHED", model=True):
+        with mlflow.start_run() as run:
+            tags = {"mlflow_edge.role": role, "mlflow_edge.target": target}
+            if model:
+                tags[registry.MODEL_URI_TAG] = "models:/m-none"
+            mlflow.set_tags(tags)
+            mlflow.log_metric("size_mb", 1.0)
+        if status != "FINISHED":
+            mlflow.MlflowClient().set_terminated(run.info.run_id, status)
+        return run.info.run_id
+
+    keep = make("candidate", "cpu")
+    make("candidate", "arm-cpu")
+    make("reference", "cpu")
+    make("candidate", "cpu", status="FAILED")
+    make("candidate", "cpu", model=False)
+    found = registry.candidate_runs([experiment.experiment_id], "cpu")
+    assert [run.info.run_id for run in found] == [keep]
+
+
+def test_nothing_to_promote_is_an_error_and_registers_nothing(tracking_uri):
+    experiment = mlflow.set_experiment("edge")
+    with pytest.raises(EdgeError, match="no finished candidate runs for target 'cpu'"):
+        registry.promote([experiment.experiment_id], "cpu", parse_gates(None), "min:size_mb", "nothing-edge")
+    assert mlflow.MlflowClient().search_registered_models() == []
