@@ -68,8 +68,9 @@ def resolve_source(spec: str, *, trust_remote_code: bool = False) -> SourceModel
     return from_hub(spec, trust_remote_code=trust_remote_code)
 
 
-def from_folder(path: Path, *, origin: str | None = None, trust_remote_code: bool = False) -> SourceModel:
-    """A local ``save_pretrained`` folder with safetensors weights."""
+def from_folder(path: Path, *, origin: str | None = None, trust_remote_code: bool = False,
+                sha256: str | None = None) -> SourceModel:
+    """A local ``save_pretrained`` folder with safetensors weights (``sha256``: a known content hash to skip hashing)."""
     path = path.resolve()
     config_path = path / "config.json"
     if not config_path.is_file():
@@ -84,7 +85,7 @@ def from_folder(path: Path, *, origin: str | None = None, trust_remote_code: boo
     return SourceModel(
         name=config.get("_name_or_path", "").split("/")[-1] or path.name,
         path=path,
-        sha256=_folder_sha256(path),
+        sha256=sha256 or _folder_sha256(path),
         origin=origin or str(path),
         num_parameters=count_parameters(weights),
         architecture=architectures[0],
@@ -113,8 +114,8 @@ def from_gguf(gguf_path: Path, *, name: str | None = None, origin: str | None = 
 
     key = {"gguf_sha256": digest, "transformers": transformers.__version__}
     folder = cache.get_or_build("sources", key, lambda tmp: _dequantize_gguf(gguf_path, tmp))
-    source = from_folder(folder, origin=origin or str(gguf_path))
-    return dataclasses.replace(source, name=name or gguf_path.stem, sha256=digest, architecture=source.architecture or architecture)
+    source = from_folder(folder, origin=origin or str(gguf_path), sha256=digest)
+    return dataclasses.replace(source, name=name or gguf_path.stem, architecture=source.architecture or architecture)
 
 
 def validate_gguf(path: Path) -> str:

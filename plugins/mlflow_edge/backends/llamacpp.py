@@ -142,6 +142,8 @@ class LlamaCppBackend:
         for key in ("output_tensor_type", "token_embedding_type"):
             if options.get(key):
                 ggml_type_id(options[key])  # validate early
+        if _is_quantized(base) and not _as_bool(options.get("allow_requantize", False)):
+            raise EdgeError(f"{base.path.name} is already quantized ({base.precision}); set llamacpp.allow_requantize=true")
         out_dir.mkdir(parents=True, exist_ok=True)
         imatrix_path = None
         recorded = {k: v for k, v in options.items() if v not in (None, "", False, 0) or k == "imatrix"}
@@ -170,8 +172,6 @@ class LlamaCppBackend:
             "token_embedding_type": ggml_type_id(options["token_embedding_type"]) if options.get("token_embedding_type") else None,
             "imatrix": str(imatrix_path) if imatrix_path else None,
         }
-        if _is_quantized(base) and not spec["allow_requantize"]:
-            raise EdgeError(f"{base.path.name} is already quantized ({base.precision}); set llamacpp.allow_requantize=true")
         partial = Path(spec["output"])
         proc = subprocess.run(
             [sys.executable, "-m", "mlflow_edge.backends.llamacpp", json.dumps(spec)], capture_output=True, text=True
@@ -226,6 +226,8 @@ class LlamaCppRunner:
         self._batch = llama_cpp.llama_batch_init(context_tokens, 0, 1)
 
     def _reset(self) -> None:
+        if self._llm is None:  # the context is freed: using it would crash the process
+            raise EdgeError("this llama.cpp runner is closed")
         self._lib.llama_memory_clear(self._lib.llama_get_memory(self._ctx), True)
 
     def _decode(self, tokens: Sequence[int], start: int, all_logits: bool) -> None:
