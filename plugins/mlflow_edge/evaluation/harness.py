@@ -103,6 +103,11 @@ class Evaluator:
         windows = np.asarray(ids[:needed], dtype=np.int32).reshape(s.windows, s.window)
         return windows, np.asarray(ids[: max(s.prefill_tokens, s.prompt_tokens)], dtype=np.int32)
 
+    @property
+    def reference_dir(self) -> Path:
+        """Where the reference's scored log-probabilities are cached (``logprobs.npy``, ``argmax.npy``)."""
+        return self._reference_dir
+
     def evaluate_reference(self) -> dict[str, float]:
         """Measure the source model itself; its metrics are the baseline of every ratio."""
         self._reference_dir.mkdir(parents=True, exist_ok=True)
