@@ -31,7 +31,8 @@ IMATRIX_REQUIRED = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q
 _GGUF_NAME = "model.gguf"
 
 
-def _llama_cpp():
+def require_llama_cpp():
+    """The ``llama_cpp`` module, or a one-line error naming the extra to install."""
     try:
         import llama_cpp
     except ImportError as exc:
@@ -41,7 +42,7 @@ def _llama_cpp():
 
 def quant_types() -> dict[str, int]:
     """Every ``llama_ftype`` this llama.cpp build offers, by its llama-quantize name."""
-    llama_cpp = _llama_cpp()
+    llama_cpp = require_llama_cpp()
     types = {"F32": llama_cpp.LLAMA_FTYPE_ALL_F32}
     for attr in dir(llama_cpp):
         if attr.startswith("LLAMA_FTYPE_MOSTLY_"):
@@ -89,7 +90,7 @@ class LlamaCppBackend:
         )
 
     def versions(self) -> Mapping[str, str]:
-        return {"llama_cpp_python": _llama_cpp().__version__}
+        return {"llama_cpp_python": require_llama_cpp().__version__}
 
     # -- convert -------------------------------------------------------------------------------------------------
     def convert(self, source: Any, out_dir: Path, precision: str) -> Artifact:
@@ -205,7 +206,7 @@ class LlamaCppRunner:
     """A GGUF model on llama.cpp's C API: one sequence, logits per position, greedy generation."""
 
     def __init__(self, path: Path, threads: int, context_tokens: int) -> None:
-        llama_cpp = _llama_cpp()
+        llama_cpp = require_llama_cpp()
         self._lib = llama_cpp
         try:
             self._llm = llama_cpp.Llama(
@@ -287,7 +288,7 @@ class LlamaCppRunner:
 # -- llama.cpp's converter, from the llama-cpp-python sdist ------------------------------------------------------
 def converter_dir() -> Path:
     """``vendor/llama.cpp`` scripts (converter, ``conversion/``, ``gguf-py``) of the installed llama-cpp-python sdist."""
-    version = _llama_cpp().__version__
+    version = require_llama_cpp().__version__
     return cache.get_or_build("llama.cpp-scripts", {"llama_cpp_python": version}, lambda tmp: _extract_scripts(version, tmp))
 
 
@@ -405,7 +406,7 @@ def _quantize_worker(spec: dict[str, Any]) -> int:
     """Runs in a child process so that a llama.cpp abort cannot take the caller down."""
     import ctypes
 
-    llama_cpp = _llama_cpp()
+    llama_cpp = require_llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = spec["ftype"]
     params.nthread = spec["nthread"]

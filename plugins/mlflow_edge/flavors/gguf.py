@@ -67,7 +67,7 @@ from mlflow.utils.model_utils import (
 from mlflow.utils.requirements_utils import _get_pinned_requirement
 
 from mlflow_edge import cache
-from mlflow_edge.backends.base import EdgeError
+from mlflow_edge.backends.llamacpp import require_llama_cpp
 from mlflow_edge.sources import validate_gguf
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def save_model(
     Raises :class:`~mlflow_edge.backends.base.EdgeError` for a corrupt or truncated GGUF (nothing is written), and
     ``MlflowException`` when ``path`` exists and is not empty or ``metadata_config`` is not JSON-serializable.
     """
-    llama_cpp_version = _llama_cpp().__version__
+    llama_cpp_version = require_llama_cpp().__version__
     flavor_extra = _normalize_metadata_config(metadata_config)
     if int(n_ctx) <= 0:
         raise MlflowException.invalid_parameter_value(f"n_ctx must be positive, got {n_ctx}")
@@ -251,16 +251,8 @@ def log_model(
     )
 
 
-def _llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError as exc:
-        raise EdgeError("llama-cpp-python is not installed: pip install 'mlflow-edge[llamacpp]'") from exc
-    return llama_cpp
-
-
 def _llama(model_file: str, n_ctx: int) -> llama_cpp.Llama:
-    return _llama_cpp().Llama(model_path=model_file, n_ctx=int(n_ctx), verbose=False)
+    return require_llama_cpp().Llama(model_path=model_file, n_ctx=int(n_ctx), verbose=False)
 
 
 def load_model(model_uri: str, dst_path: str | None = None, n_ctx: int | None = None) -> llama_cpp.Llama:

@@ -1,0 +1,1 @@
+"""Vendored evaluation text (see README.md in this folder for its license)."""
