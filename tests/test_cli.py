@@ -32,3 +32,21 @@ def test_unknown_backend_is_one_line():
     result = CliRunner().invoke(main, ["quant-types", "--backend", "tensorrt"])
     assert result.exit_code == 1
     assert result.stderr.strip() == "mlflow-edge: error: unknown backend 'tensorrt' (choose from llamacpp)"
+
+
+def test_targets_lists_the_matrix_and_what_is_measurable_here():
+    result = CliRunner().invoke(main, ["targets"])
+    assert result.exit_code == 0
+    lines = {line.split()[0]: line.split() for line in result.stdout.strip().splitlines()[1:]}
+    assert set(lines) == {"intel-cpu", "intel-gpu", "intel-npu", "nvidia-gpu", "apple-silicon", "arm-cpu",
+                          "arm-mobile", "cpu"}
+    assert lines["cpu"][1] == "True"
+    assert "llamacpp" in lines["cpu"]  # installed here
+
+
+def test_targets_for_one_target():
+    result = CliRunner().invoke(main, ["targets", "--target", "arm-cpu"])
+    assert result.exit_code == 0
+    assert "llamacpp > openvino" in result.stdout
+    bad = CliRunner().invoke(main, ["targets", "--target", "mars"])
+    assert bad.exit_code == 1 and "unknown target 'mars'" in bad.stderr

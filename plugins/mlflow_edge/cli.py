@@ -186,6 +186,35 @@ def main_flow(model: str, backend: str, types: str | None, base_precision: str, 
     click.echo(result.describe())
 
 
+@main.command()
+@click.option("--target", default=None, help="show the recommended backends for this target only")
+@_one_line_errors
+def targets(target: str | None) -> None:
+    """List hardware targets, whether this machine can measure them, and the backends to use."""
+    import pandas as pd
+
+    from mlflow_edge.backends import BACKENDS, get_backend
+    from mlflow_edge.targets import TARGETS, get_target, is_measurable, recommended_backends
+
+    def installed(name: str) -> bool:
+        try:
+            get_backend(name).versions()
+        except (EdgeError, ImportError):
+            return False
+        return True
+
+    chosen = [get_target(target)] if target else list(TARGETS.values())
+    rows = [{
+        "target": t.name,
+        "measurable_here": is_measurable(t),
+        "backends": " > ".join(recommended_backends(t)),
+        "installed": ", ".join(b for b in recommended_backends(t) if b in BACKENDS and installed(b)) or "-",
+        "needs": t.requires,
+        "notes": t.notes,
+    } for t in chosen]
+    click.echo(pd.DataFrame(rows).to_string(index=False))
+
+
 @main.command("quant-types")
 @_backend
 @_one_line_errors
