@@ -46,3 +46,19 @@ def test_entry_point_failure_marks_the_run_failed(tracking_uri, tmp_path):
     run = mlflow.search_runs(experiment_names=["edge-project"]).iloc[0]
     assert run["status"] == "FAILED"
     assert run["tags.mlflow_edge.error"] == "model path not found: ./no/such/model"
+
+
+@pytest.mark.slow
+def test_search_entry_point_runs_a_resumable_study(tracking_uri, tiny_source, tmp_path):
+    mlflow.create_experiment("edge-project", artifact_location=str(tmp_path / "artifacts"))
+    params = [f"model={tiny_source.path}", "windows=2", "repeats=2", "gates=accuracy_retention>=0.9",
+              "registered_model=tiny-search"]
+    done = mlflow_run("search", tracking_uri, "trials=2", *params)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert MlflowClient().get_model_version_by_alias("tiny-search", "cpu-champion")
+    again = mlflow_run("search", tracking_uri, "trials=3", *params)
+    assert again.returncode == 0, again.stderr[-3000:]
+    import optuna
+
+    study = optuna.load_study(study_name=f"{tiny_source.name}-cpu", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.trials) == 3  # resumed: one more trial, none repeated from the budget

@@ -187,6 +187,38 @@ def main_flow(model: str, backend: str, types: str | None, base_precision: str, 
 
 
 @main.command()
+@_model
+@_target
+@click.option("--trials", default=8, show_default=True, help="trial budget (a resumed study runs what is left)")
+@click.option("--timeout", default=None, type=float, help="time budget in seconds")
+@click.option("--objectives", default="multi", show_default=True,
+              help="'multi' (max decode_tok_s, min size_mb, max accuracy_retention) or max:/min:<metric>,…")
+@_gates
+@click.option("--policy", default="min:size_mb", show_default=True, help="promotion policy among feasible trials")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--storage", default=None, help="Optuna storage URL (default: optuna.db beside the MLflow store)")
+@click.option("--study-name", default=None, help="Optuna study name (default: <source>-<target>)")
+@click.option("--registered-model", default=None, help="registered model name (default: <source>-edge)")
+@click.option("--calibration-text", default=None, help="calibration text file (default: built-in slice)")
+@_eval_options
+@_experiment
+@_one_line_errors
+def search(model: str, target: str, trials: int, timeout: float | None, objectives: str, gates: str | None,
+           policy: str, seed: int, storage: str | None, study_name: str | None, registered_model: str | None,
+           calibration_text: str | None, eval_text: str | None, window: int, windows: int, threads: int | None,
+           repeats: int, experiment: str | None) -> None:
+    """Optuna search over the target's backends and their quantization options, then promotion."""
+    from mlflow_edge.search import run_search
+
+    result = run_search(model, target, trials, timeout, objectives, gates, policy, seed, storage, study_name,
+                        registered_model or None, _settings(eval_text, window, windows, threads, repeats),
+                        calibration_text, experiment)
+    click.echo(f"study {result['study']}: {result['trials']} trials ({result['new_trials']} new), "
+               f"{len(result['pareto'])} on the Pareto front")
+    click.echo(result["promotion"])
+
+
+@main.command()
 @click.option("--target", default=None, help="show the recommended backends for this target only")
 @_one_line_errors
 def targets(target: str | None) -> None:

@@ -145,3 +145,11 @@ class Backend(Protocol):
     def versions(self) -> Mapping[str, str]:
         """Framework versions, logged as ``version.<framework>`` tags."""
         ...
+
+    def search_space(self, trial: Any) -> tuple[str, dict[str, Any]]:
+        """Sample a precision and quantization options from an Optuna ``trial``.
+
+        Parameters are named ``<backend>.<option>`` (``llamacpp.precision``, ``llamacpp.imatrix``) so that spaces of
+        different backends never collide in one study. Returns ``(precision, options)`` for :meth:`quantize`.
+        """
+        ...

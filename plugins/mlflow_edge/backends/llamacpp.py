@@ -92,6 +92,16 @@ class LlamaCppBackend:
     def versions(self) -> Mapping[str, str]:
         return {"llama_cpp_python": require_llama_cpp().__version__}
 
+    def search_space(self, trial: Any) -> tuple[str, dict[str, Any]]:
+        precision = trial.suggest_categorical("llamacpp.precision", [
+            "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_1", "Q5_K_S",
+            "Q5_K_M", "Q6_K", "Q8_0",
+        ])
+        options: dict[str, Any] = {"imatrix": trial.suggest_categorical("llamacpp.imatrix", [False, True])}
+        if options["imatrix"]:
+            options["imatrix_chunks"] = 8
+        return precision, options
+
     # -- convert -------------------------------------------------------------------------------------------------
     def convert(self, source: Any, out_dir: Path, precision: str) -> Artifact:
         precision = precision.lower()

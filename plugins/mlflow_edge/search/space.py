@@ -1,0 +1,42 @@
+"""The search space: a backend first, then that backend's own precisions and options.
+
+The space is conditional: ``backend`` is sampled from the target's installed backends, and each backend samples its
+own parameters (``<backend>.<option>``) through :meth:`~mlflow_edge.backends.base.Backend.search_space`, so this
+module knows no framework::
+
+    >>> import optuna
+    >>> trial = optuna.create_study().ask()
+    >>> backend, precision, options = suggest(trial, backends_for("cpu"))
+    >>> backend
+    'llamacpp'
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import optuna
+
+from mlflow_edge.backends import BACKENDS, get_backend
+from mlflow_edge.targets import recommended_backends
+
+
+def backends_for(target: str) -> tuple[str, ...]:
+    """The registered and installed backends recommended for ``target`` (:class:`EdgeError` for an unknown target)."""
+    installed = []
+    for name in recommended_backends(target):
+        if name not in BACKENDS:
+            continue
+        try:
+            get_backend(name).versions()
+        except Exception:  # the framework is not installed or does not import
+            continue
+        installed.append(name)
+    return tuple(installed)
+
+
+def suggest(trial: optuna.Trial, backends: Sequence[str]) -> tuple[str, str, dict[str, Any]]:
+    """``(backend, precision, options)`` sampled from ``trial``: the backend, then its own space."""
+    backend = trial.suggest_categorical("backend", list(backends))
+    precision, options = get_backend(backend).search_space(trial)
+    return backend, precision, options
