@@ -8,17 +8,28 @@ import mlflow
 import pytest
 
 
-@pytest.fixture()
-def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh sqlite tracking store with a local artifact root, set as the current tracking URI."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
+def _use_sqlite_store(folder: Path, patch: pytest.MonkeyPatch) -> str:
+    """Point MLflow (this process and its children) at a sqlite store in ``folder``, which becomes the cwd."""
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    patch.setenv("MLFLOW_TRACKING_URI", uri)
+    patch.chdir(folder)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     mlflow.set_experiment("Default")  # forget an experiment another test made active in another store
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # set_experiment exports it to child processes
-    yield uri
+    patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # set_experiment exports it to child processes
+    return uri
+
+
+@pytest.fixture(scope="session")
+def use_sqlite_store():
+    """For module-scoped stores: ``with pytest.MonkeyPatch.context() as p: use_sqlite_store(folder, p)``."""
+    return _use_sqlite_store
+
+
+@pytest.fixture()
+def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh sqlite tracking store with a local artifact root, set as the current tracking URI."""
+    yield _use_sqlite_store(tmp_path, monkeypatch)
     mlflow.end_run()
 
 

@@ -38,16 +38,11 @@ def run_main(tiny_source, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def studied(tmp_path_factory, tiny_source):
+def studied(tmp_path_factory, tiny_source, use_sqlite_store):
     """One store shared by this module's study tests, after one main run in which Q4_K_M and Q8_0 pass and an
     unknown type fails on its own. Yields the parent run id."""
-    folder = tmp_path_factory.mktemp("study-store")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.chdir(folder)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
+        use_sqlite_store(tmp_path_factory.mktemp("study-store"), patch)
         result = run_main(tiny_source, "--types", "Q4_K_M,Q9_X,Q8_0", *LOOSE_GATES)
         assert result.exit_code == 0, result.output
         studies = runs()

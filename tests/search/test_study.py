@@ -29,15 +29,11 @@ def settings():
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory, tiny_source, settings):
+def searched(tmp_path_factory, tiny_source, settings, use_sqlite_store):
     """One store for this module: a 3-trial search. Yields (store folder, run_search's result)."""
     folder = tmp_path_factory.mktemp("search-store")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.chdir(folder)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
+        use_sqlite_store(folder, patch)
         result = run_search(str(tiny_source.path), trials=3, seed=0, gates=GATES, settings=settings,
                             registered_model=MODEL_NAME)
         yield folder, result
