@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import itertools
 import json
-import math
 import os
 import shutil
 import sys
@@ -182,7 +181,7 @@ def run_grid_path(args: argparse.Namespace, settings: Any, points: list[dict[str
     from mlflow_edge.evaluation.data import calibration_text
     from mlflow_edge.evaluation.harness import Evaluator
     from mlflow_edge.gates import parse_gates
-    from mlflow_edge.search.study import _base_precision
+    from mlflow_edge.workflow import base_precision
     from mlflow_edge.sources import resolve_source
 
     gates = parse_gates(None)
@@ -199,7 +198,7 @@ def run_grid_path(args: argparse.Namespace, settings: Any, points: list[dict[str
             t0 = time.perf_counter()
             row = {"path": "exhaustive", "point": i, **point, "metrics": None, "error": None}
             try:
-                base = workflow.convert(source, point["backend"], _base_precision(point["backend"]))
+                base = workflow.convert(source, point["backend"], base_precision(point["backend"]))
                 artifact = workflow.quantize(source, base, point["precision"], point["options"], calibration)
                 t1 = time.perf_counter()
                 metrics = evaluator.evaluate(artifact)
@@ -261,7 +260,8 @@ def run(args: argparse.Namespace, user_cache: Path, scratch: Path) -> int:
     from mlflow_edge import workflow
     from mlflow_edge.evaluation.harness import EvalSettings
     from mlflow_edge.search.space import backends_for
-    from mlflow_edge.search.study import MULTI_OBJECTIVE, _base_precision
+    from mlflow_edge.search.study import MULTI_OBJECTIVE
+    from mlflow_edge.workflow import base_precision
     from mlflow_edge.sources import resolve_source
     from mlflow_edge.targets import hardware_fingerprint
 
@@ -271,7 +271,7 @@ def run(args: argparse.Namespace, user_cache: Path, scratch: Path) -> int:
     backends = backends_for("cpu")
     source = resolve_source("demo")
     for backend in backends:
-        workflow.convert(source, backend, _base_precision(backend))
+        workflow.convert(source, backend, base_precision(backend))
     points, distributions = grid(backends)
     full = len(points)
     if args.limit_grid is not None:

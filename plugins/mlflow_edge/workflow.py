@@ -119,6 +119,12 @@ def convert(source: SourceModel, backend: str, precision: str) -> Artifact:
     return _cached_artifact(f"convert-{backend}", key, lambda tmp: impl.convert(source, tmp, precision))
 
 
+def base_precision(backend: str) -> str:
+    """The precision a backend's base conversion is written in: ``f16`` where it offers it."""
+    precisions = list(get_backend(backend).convert_precisions())
+    return "f16" if "f16" in precisions else precisions[0]
+
+
 def quantize(source: SourceModel, base: Artifact, precision: str, options: Mapping[str, Any] | None = None,
              calibration: TextSlice | None = None) -> Artifact:
     """``base`` quantized to ``precision`` with ``options`` (cached by all of those and the calibration text)."""
@@ -289,10 +295,18 @@ def run_main(model: str = "demo", backend: str = "llamacpp", types: Sequence[str
             write_report(table, Path(tmp), title=f"{source.name} on {target}: GGUF sweep")
             mlflow.log_artifacts(tmp, artifact_path="report")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
-        promotion = registry.promote(
-            experiment_ids=[parent.info.experiment_id], study=study, target=target, gates=gate_spec, policy=policy,
-            registered_model=registered_model or f"{source.name}-edge",
-        )
-        progress(promotion.describe())
-        mlflow.set_tags({"mlflow_edge.promotion": promotion.describe()[:5000]})
-        return promotion
+        return promote_study(parent, study, source, target, gate_spec, policy, registered_model)
+
+
+def promote_study(parent: mlflow.ActiveRun, study: str, source: SourceModel, target: str, gates: Gates, policy: str,
+                  registered_model: str | None):
+    """Promote the best feasible candidate of ``study`` and record the outcome on the parent run."""
+    from mlflow_edge import registry
+
+    promotion = registry.promote(
+        experiment_ids=[parent.info.experiment_id], study=study, target=target, gates=gates, policy=policy,
+        registered_model=registered_model or f"{source.name}-edge",
+    )
+    progress(promotion.describe())
+    mlflow.set_tags({"mlflow_edge.promotion": promotion.describe()[:5000]})
+    return promotion

@@ -31,7 +31,6 @@ from mlflow import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
 from mlflow_edge import registry
-from mlflow_edge.backends import get_backend
 from mlflow_edge.backends.base import EdgeError
 from mlflow_edge.evaluation.data import calibration_text, check_disjoint
 from mlflow_edge.evaluation.harness import EvalSettings, Evaluator
@@ -40,8 +39,8 @@ from mlflow_edge.search.space import backends_for, suggest
 from mlflow_edge.sources import resolve_source
 from mlflow_edge.targets import get_target
 from mlflow_edge.workflow import (
-    ERROR_TAG, convert, evaluate_candidate, evaluate_reference, log_new_params, progress, quantize, run_tags,
-    tracked_run,
+    ERROR_TAG, base_precision, convert, evaluate_candidate, evaluate_reference, log_new_params, progress,
+    promote_study, quantize, run_tags, tracked_run,
 )
 
 MULTI_OBJECTIVE: tuple[tuple[str, str], ...] = (
@@ -120,11 +119,6 @@ def _fail_stale_runs(experiment_id: str, study_name: str, current_run: str) -> N
         if run.info.run_id != current_run:
             client.set_tag(run.info.run_id, ERROR_TAG, STALE_REASON)
             client.set_terminated(run.info.run_id, "FAILED")
-
-
-def _base_precision(backend: str) -> str:
-    precisions = list(get_backend(backend).convert_precisions())
-    return "f16" if "f16" in precisions else precisions[0]
 
 
 def pareto_table(study: optuna.Study, objectives: Sequence[tuple[str, str]]) -> pd.DataFrame:
@@ -252,7 +246,7 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
                 try:
                     with tracked_run(f"trial-{trial.number}-{precision}", nested=True, tags=tags) as run:
                         trial.set_user_attr("run_id", run.info.run_id)
-                        base = convert(source, backend, _base_precision(backend))
+                        base = convert(source, backend, base_precision(backend))
                         artifact = quantize(source, base, precision, options, calibration)
                         metrics = evaluate_candidate(evaluator, artifact, gate_spec, target, name)["metrics"]
                 except Exception as exc:
@@ -275,12 +269,7 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
             mlflow.log_artifacts(tmp, artifact_path="search")
         table = pareto_table(study, goals)
         progress(f"Pareto front: {len(table)} feasible trial(s) of {len(study.trials)}")
-        promotion = registry.promote(
-            experiment_ids=[parent.info.experiment_id], study=name, target=target, gates=gate_spec, policy=policy,
-            registered_model=registered_model or f"{source.name}-edge",
-        )
-        progress(promotion.describe())
-        mlflow.set_tags({"mlflow_edge.promotion": promotion.describe()[:5000]})
+        promotion = promote_study(parent, name, source, target, gate_spec, policy, registered_model)
         return {"study": name, "storage": storage_url, "run_id": parent.info.run_id, "trials": len(study.trials),
                 "new_trials": len(study.trials) - before, "pareto": table.to_dict("records"),
                 "promotion": promotion.describe()}
