@@ -16,12 +16,32 @@ def test_policy_orders_by_direction():
     fast = registry.parse_policy("max:decode_tok_s")
     small = registry.parse_policy("min:size_mb")
     a, b = {"decode_tok_s": 100.0, "size_mb": 90.0}, {"decode_tok_s": 80.0, "size_mb": 70.0}
-    assert fast.key(a) > fast.key(b) and small.key(b) > small.key(a)
-    assert fast.key({}) == -math.inf and small.key({"size_mb": math.nan}) == -math.inf
-    assert str(fast) == "max:decode_tok_s"
+    assert fast.scores([a, b]) == [100.0, 80.0] and small.scores([a, b]) == [-90.0, -70.0]
+    assert fast.scores([{}]) == [-math.inf] and small.scores([{"size_mb": math.nan}]) == [-math.inf]
+    assert str(fast) == "max:decode_tok_s" and fast.metrics == ("decode_tok_s",)
 
 
-@pytest.mark.parametrize("spec", ["decode_tok_s", "fastest:decode_tok_s", "max:vibes", "max:"])
+def test_weighted_policy_scales_each_metric_over_the_pool():
+    policy = registry.parse_policy("weighted:max:decode_tok_s=0.5,min:size_mb=0.25,max:accuracy_retention=0.25")
+    fast_big = {"decode_tok_s": 200.0, "size_mb": 140.0, "accuracy_retention": 0.99}
+    slow_small = {"decode_tok_s": 100.0, "size_mb": 90.0, "accuracy_retention": 0.95}
+    middle = {"decode_tok_s": 150.0, "size_mb": 100.0, "accuracy_retention": 0.97}
+    scores = policy.scores([fast_big, slow_small, middle])
+    assert scores[0] == pytest.approx(0.5 + 0.0 + 0.25)
+    assert scores[1] == pytest.approx(0.0 + 0.25 + 0.0)
+    assert scores[2] == pytest.approx(0.25 + 0.25 * 0.8 + 0.125)
+    assert scores[0] > scores[2] > scores[1]
+    speed_only = registry.parse_policy("weighted:max:decode_tok_s=1,min:size_mb=0.01")
+    assert max(range(3), key=speed_only.scores([fast_big, slow_small, middle]).__getitem__) == 0
+    size_first = registry.parse_policy("weighted:max:decode_tok_s=0.01,min:size_mb=1")
+    assert max(range(3), key=size_first.scores([fast_big, slow_small, middle]).__getitem__) == 1
+    assert policy.scores([fast_big, {"decode_tok_s": 1.0}])[1] == -math.inf
+    assert registry.parse_policy(str(policy)) == policy
+
+
+@pytest.mark.parametrize("spec", ["decode_tok_s", "fastest:decode_tok_s", "max:vibes", "max:", "weighted:",
+                                  "weighted:max:decode_tok_s", "weighted:max:decode_tok_s=-1",
+                                  "weighted:max:decode_tok_s=x", "weighted:max:size_mb=1,min:size_mb=1"])
 def test_bad_policies_are_refused(spec):
     with pytest.raises(EdgeError, match="bad promotion policy"):
         registry.parse_policy(spec)

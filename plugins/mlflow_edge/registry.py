@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import mlflow
 from mlflow import MlflowClient
@@ -24,28 +24,95 @@ MODEL_URI_TAG = "mlflow_edge.model_uri"
 
 
 @dataclasses.dataclass(frozen=True)
-class Policy:
-    """Rank by one metric: ``max:decode_tok_s``, ``min:size_mb``, …"""
+class Term:
+    """One metric a policy ranks by, its direction (``max``/``min``) and weight."""
 
     direction: str
     metric: str
-
-    def key(self, metrics: dict[str, float]) -> float:
-        """Larger is better; a missing or NaN metric ranks last."""
-        value = metrics.get(self.metric)
-        if value is None or math.isnan(value):
-            return -math.inf
-        return value if self.direction == "max" else -value
+    weight: float = 1.0
 
     def __str__(self) -> str:
         return f"{self.direction}:{self.metric}"
 
 
-def parse_policy(spec: str) -> Policy:
-    direction, _, metric = spec.partition(":")
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """How feasible candidates rank: ``max:decode_tok_s``, ``min:size_mb``, … or a weighted sum
+    ``weighted:max:decode_tok_s=0.3,min:size_mb=0.3,max:accuracy_retention=0.4``.
+
+    A weighted policy scales each metric to [0, 1] over the candidates being compared (min–max, best = 1), so metrics
+    of different units add up; a candidate missing a ranked metric ranks last::
+
+        >>> policy = parse_policy("weighted:min:size_mb=1,max:accuracy_retention=1")
+        >>> policy.scores([{"size_mb": 90, "accuracy_retention": 0.9}, {"size_mb": 100, "accuracy_retention": 1.0}])
+        [1.0, 1.0]
+    """
+
+    terms: tuple[Term, ...]
+    weighted: bool = False
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return tuple(t.metric for t in self.terms)
+
+    def scores(self, pool: Sequence[Mapping[str, float]]) -> list[float]:
+        """One score per metrics mapping of ``pool``: larger is better."""
+        signed = [[_signed(m, t) for t in self.terms] for m in pool]
+        if not self.weighted:
+            return [row[0] for row in signed]
+        columns = list(zip(*signed)) if signed else []
+        ranges = []
+        for column in columns:
+            finite = [v for v in column if math.isfinite(v)]
+            ranges.append((min(finite), max(finite)) if finite else (0.0, 0.0))
+        scores = []
+        for row in signed:
+            if not all(math.isfinite(v) for v in row):
+                scores.append(-math.inf)
+                continue
+            scores.append(sum(t.weight * ((v - lo) / (hi - lo) if hi > lo else 1.0)
+                              for t, v, (lo, hi) in zip(self.terms, row, ranges)))
+        return scores
+
+    def __str__(self) -> str:
+        if not self.weighted:
+            return str(self.terms[0])
+        return "weighted:" + ",".join(f"{t}={t.weight:g}" for t in self.terms)
+
+
+def _signed(metrics: Mapping[str, float], term: Term) -> float:
+    value = metrics.get(term.metric)
+    if value is None or math.isnan(value):
+        return -math.inf
+    return value if term.direction == "max" else -value
+
+
+def _term(text: str, spec: str, weighted: bool) -> Term:
+    body, _, weight_text = text.strip().partition("=") if weighted else (text.strip(), "", "")
+    direction, _, metric = body.partition(":")
     if direction not in ("max", "min") or metric not in METRICS:
-        raise EdgeError(f"bad promotion policy '{spec}': use max:<metric> or min:<metric> with a conventions metric")
-    return Policy(direction, metric)
+        raise EdgeError(f"bad promotion policy '{spec}': use max:<metric> or min:<metric> with a conventions metric, "
+                        "or weighted:max:<metric>=<weight>,min:<metric>=<weight>,…")
+    try:
+        weight = float(weight_text) if weighted else 1.0
+    except ValueError:
+        weight = math.nan
+    if not (math.isfinite(weight) and weight > 0):
+        raise EdgeError(f"bad promotion policy '{spec}': the weight of {body} must be a positive number")
+    return Term(direction, metric, weight)
+
+
+def parse_policy(spec: "str | Policy") -> Policy:
+    if isinstance(spec, Policy):
+        return spec
+    spec = str(spec).strip()
+    if spec.startswith("weighted:"):
+        parts = [p for p in spec[len("weighted:"):].split(",")]
+        terms = tuple(_term(part, spec, weighted=True) for part in parts)
+        if len({t.metric for t in terms}) != len(terms):
+            raise EdgeError(f"bad promotion policy '{spec}': a metric appears twice")
+        return Policy(terms, weighted=True)
+    return Policy((_term(spec, spec, weighted=False),))
 
 
 def champion_alias(target: str) -> str:
@@ -81,7 +148,7 @@ def candidate_runs(experiment_ids: Sequence[str], target: str, study: str | None
 def promote(experiment_ids: Sequence[str], target: str, gates: Gates, policy: str | Policy,
             registered_model: str, study: str | None = None) -> Promotion:
     """Register the best gate-passing candidate and point ``<target>-champion`` at it (or keep a better champion)."""
-    policy = parse_policy(policy) if isinstance(policy, str) else policy
+    policy = parse_policy(policy)
     runs = candidate_runs(experiment_ids, target, study)
     if not runs:
         raise EdgeError(f"no finished candidate runs for target '{target}'; nothing registered")
@@ -89,15 +156,16 @@ def promote(experiment_ids: Sequence[str], target: str, gates: Gates, policy: st
     feasible = [(run, report) for run, report in checked if report.passed]
     if not feasible:
         raise EdgeError(f"none of {len(runs)} candidates passed the gates {gates}; nothing registered, champion unchanged")
-    best, report = max(feasible, key=lambda item: (policy.key(item[0].data.metrics),
-                                                   -item[0].data.metrics.get("size_mb", math.inf)))
     client = MlflowClient()
     alias = champion_alias(target)
     champion = _current_champion(client, registered_model, alias)
-    if champion is not None:
-        version, champion_metrics = champion
-        if policy.key(champion_metrics) >= policy.key(best.data.metrics):
-            return Promotion(registered_model, alias, best.info.run_id, version, True, str(policy))
+    pool = [run.data.metrics for run, _ in feasible] + ([champion[1]] if champion else [])
+    scores = policy.scores(pool)
+    ranked = sorted(range(len(feasible)), key=lambda i: (scores[i], -feasible[i][0].data.metrics.get("size_mb",
+                                                                                                      math.inf)))
+    best, report = feasible[ranked[-1]]
+    if champion is not None and scores[-1] >= scores[ranked[-1]]:
+        return Promotion(registered_model, alias, best.info.run_id, champion[0], True, str(policy))
     tags = {
         "mlflow_edge.target": target,
         "mlflow_edge.study": best.data.tags.get("mlflow_edge.study", ""),
