@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import shutil
@@ -39,8 +38,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 GOAL = 0.25
-SHARED_CACHE_ENTRIES = ("demo", "downloads", "wheels", "sdist", "sources", "convert-llamacpp", "llama.cpp-scripts")
-"""Normal-cache entries the fresh caches link: the demo source, its dequantized checkpoint, converter scripts, f16."""
+SHARED_CACHE_ENTRIES = ("demo", "downloads", "wheels", "sdist", "sources", "llama.cpp-scripts")
+"""Normal-cache entries the fresh caches link: the demo source, its dequantized checkpoint, converter scripts, and
+(added in :func:`isolated`) every backend's base conversions (``convert-<backend>``)."""
 REPORTED = ("size_mb", "bits_per_weight", "compression_ratio", "decode_tok_s", "prefill_tok_s", "speedup",
             "latency_cv", "peak_rss_mb", "perplexity", "kld_mean", "top1_agreement", "accuracy_retention")
 
@@ -61,7 +61,9 @@ def isolated(folder: Path, user_cache: Path) -> Iterator[None]:
 
     cache = folder / "cache"
     cache.mkdir(parents=True)
-    for name in SHARED_CACHE_ENTRIES:
+    from mlflow_edge.backends import BACKENDS
+
+    for name in (*SHARED_CACHE_ENTRIES, *(f"convert-{backend}" for backend in BACKENDS)):
         if (user_cache / name).exists():
             (cache / name).symlink_to(user_cache / name, target_is_directory=True)
     uri = f"sqlite:///{folder / 'mlflow.db'}"
@@ -84,12 +86,35 @@ def subset(metrics: dict[str, float] | None) -> dict[str, float] | None:
 
 
 # -- the space ----------------------------------------------------------------------------------------------------
+class _Branch(Exception):
+    """Raised by :class:`_BranchingTrial` at the first parameter not fixed yet."""
+
+    def __init__(self, name: str, choices: tuple[Any, ...]) -> None:
+        super().__init__(name)
+        self.name, self.choices = name, choices
+
+
+class _BranchingTrial:
+    """Stands in for an Optuna trial: returns fixed choices, and stops at the first unfixed parameter, so that a
+    conditional space (parameters some choices ask for) is enumerated branch by branch."""
+
+    def __init__(self, fixed: dict[str, Any]) -> None:
+        self.fixed = fixed
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any:
+        if name in self.fixed:
+            return self.fixed[name]
+        raise _Branch(name, tuple(choices))
+
+    def __getattr__(self, name: str) -> Any:
+        raise SystemExit(f"the grid can only enumerate categorical parameters, not {name}")
+
+
 def grid(backends: tuple[str, ...]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every point of the space: ``[{"backend", "params", "precision", "options"}]`` and all the distributions.
 
-    The choices are read off one sampled trial (each backend's ``search_space`` on a real Optuna trial); every
-    combination is then replayed through ``search_space`` with a ``FixedTrial``. A conditional space (a parameter
-    only some choices ask for) is not expanded further: such a point raises and is left out, with a warning."""
+    Each backend's ``search_space`` is replayed depth first: at every parameter it asks for that is not fixed yet,
+    the walk branches into each of its choices, so conditional parameters are expanded where they apply."""
     import optuna
 
     from mlflow_edge.backends import get_backend
@@ -98,22 +123,17 @@ def grid(backends: tuple[str, ...]) -> tuple[list[dict[str, Any]], dict[str, Any
     distributions: dict[str, Any] = {"backend": optuna.distributions.CategoricalDistribution(list(backends))}
     for backend in backends:
         impl = get_backend(backend)
-        probe = optuna.create_study().ask()
-        impl.search_space(probe)
-        dists = dict(probe.distributions)
-        for name, dist in dists.items():
-            if not isinstance(dist, optuna.distributions.CategoricalDistribution):
-                raise SystemExit(f"{backend}: parameter {name} is not categorical; the grid cannot enumerate it")
-        distributions.update(dists)
-        names = list(dists)
-        for combo in itertools.product(*(dists[n].choices for n in names)):
-            params = {"backend": backend, **dict(zip(names, combo))}
+        pending: list[dict[str, Any]] = [{}]
+        while pending:
+            fixed = pending.pop()
             try:
-                precision, options = impl.search_space(optuna.trial.FixedTrial(params))
-            except ValueError as exc:
-                progress(f"left out {params}: {exc}")
+                precision, options = impl.search_space(_BranchingTrial(fixed))
+            except _Branch as branch:
+                distributions[branch.name] = optuna.distributions.CategoricalDistribution(list(branch.choices))
+                pending += [{**fixed, branch.name: choice} for choice in reversed(branch.choices)]
                 continue
-            points.append({"backend": backend, "params": params, "precision": precision, "options": options})
+            points.append({"backend": backend, "params": {"backend": backend, **fixed}, "precision": precision,
+                           "options": options})
     return points, distributions
 
 

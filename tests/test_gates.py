@@ -149,3 +149,32 @@ def test_tags_are_valid_mlflow_tag_keys(tracking_uri: str) -> None:
     assert tags["gate.speedup_ge_2.0_or_compression_ratio_ge_2.0"] == "pass"
     assert tags["gate.kld_mean_le_1e-05"] == "missing"
     assert parse_gates(tags["gates.spec"]) == report.gates
+
+
+def test_violations_are_zero_for_passing_groups_and_relative_shortfalls_otherwise() -> None:
+    gates = parse_gates("accuracy_retention>=0.9,speedup>=2.0|compression_ratio>=2.0")
+    keys = [g.tag_key() for g in gates.groups]
+    assert gates.violations({"accuracy_retention": 0.95, "speedup": 1.0, "compression_ratio": 3.0}) == {
+        keys[0]: 0.0, keys[1]: 0.0}
+    low = gates.violations({"accuracy_retention": 0.45, "speedup": 1.0, "compression_ratio": 1.5})
+    assert low[keys[0]] == pytest.approx(0.5) and low[keys[1]] == pytest.approx(0.25)
+    assert gates.violations({"speedup": 3.0})[keys[0]] == 1e6
+
+
+def test_certain_failures_need_every_gate_of_a_group_known_and_missed_beyond_the_margin() -> None:
+    gates = parse_gates("accuracy_retention>=0.95,speedup>=2.0|compression_ratio>=2.0")
+    early = {"accuracy_retention": 0.90, "compression_ratio": 1.5}  # speedup not measured yet
+    failed = gates.certain_failures(early)
+    assert [str(g.group) for g in failed] == ["accuracy_retention>=0.95"]
+    assert gates.certain_failures(early, margin=0.06) == []  # 0.90 misses 0.95 by 5.3 %
+    assert gates.certain_failures({"accuracy_retention": 0.97}) == []
+    assert gates.certain_failures({}) == []
+
+
+def test_restricted_to_keeps_the_measurable_gates() -> None:
+    from mlflow_edge.gates import ACCURACY_SIZE_METRICS
+
+    kept, dropped = DEFAULT_GATES.restricted_to(ACCURACY_SIZE_METRICS)
+    assert str(kept) == "accuracy_retention>=0.95,compression_ratio>=2.0"
+    assert dropped == ["speedup>=2.0", "latency_cv<=0.1"]
+    assert parse_gates("speedup>=2.0").restricted_to(ACCURACY_SIZE_METRICS) == (None, ["speedup>=2.0"])

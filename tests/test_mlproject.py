@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from mlflow_edge.search.study import STALE_REASON
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def mlflow_run(entry: str, uri: str, *params: str) -> subprocess.CompletedProcess:
+def mlflow_run(entry: str, uri: str, *params: str, wait: bool = True):
     inherited = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
     env = {**inherited, "MLFLOW_TRACKING_URI": uri,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -22,19 +26,36 @@ def mlflow_run(entry: str, uri: str, *params: str) -> subprocess.CompletedProces
             "--experiment-name", "edge-project"]
     for param in params:
         args += ["-P", param]
+    if not wait:  # its own process group, so a test can kill it with its children like an interrupted user
+        return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.slow
-def test_main_entry_point_registers_a_champion(tracking_uri, tiny_source, tmp_path):
+def test_sweep_entry_point_registers_a_champion(tracking_uri, tiny_source, tmp_path):
     mlflow.create_experiment("edge-project", artifact_location=str(tmp_path / "artifacts"))
-    done = mlflow_run("main", tracking_uri, f"model={tiny_source.path}", "types=Q4_0,Q8_0", "windows=2",
+    done = mlflow_run("sweep", tracking_uri, f"model={tiny_source.path}", "types=Q4_0,Q8_0", "windows=2",
                       "repeats=2", "gates=accuracy_retention>=0.9", "registered_model=tiny-project")
     assert done.returncode == 0, done.stderr[-3000:]
     champion = MlflowClient().get_model_version_by_alias("tiny-project", "cpu-champion")
     assert champion.tags["precision"] == "Q4_0"
     runs = mlflow.search_runs(experiment_names=["edge-project"])
     assert set(runs["status"]) == {"FINISHED"} and len(runs) == 4  # study, reference, two candidates
+
+
+@pytest.mark.slow
+def test_main_entry_point_converts_searches_and_promotes(tracking_uri, tiny_source, tmp_path):
+    mlflow.create_experiment("edge-project", artifact_location=str(tmp_path / "artifacts"))
+    done = mlflow_run("main", tracking_uri, f"model={tiny_source.path}", "trials=2", "windows=2", "repeats=2",
+                      "gates=accuracy_retention>=0.9", "registered_model=tiny-main")
+    assert done.returncode == 0, done.stderr[-3000:]
+    champion = MlflowClient().get_model_version_by_alias("tiny-main", "cpu-champion")
+    runs = mlflow.search_runs(experiment_names=["edge-project"])
+    parent = runs[runs["tags.mlflow_edge.role"] == "study"]
+    assert len(parent) == 1 and parent.iloc[0]["tags.mlflow.project.entryPoint"] == "main"
+    assert parent.iloc[0]["params.trials"] == "2" and "base llamacpp f16" in done.stderr.lower()
+    assert champion.tags["mlflow_edge.run_id"] in set(runs[runs["tags.mlflow_edge.role"] == "candidate"]["run_id"])
 
 
 @pytest.mark.slow
@@ -49,16 +70,39 @@ def test_entry_point_failure_marks_the_run_failed(tracking_uri, tmp_path):
 
 
 @pytest.mark.slow
-def test_search_entry_point_runs_a_resumable_study(tracking_uri, tiny_source, tmp_path):
-    mlflow.create_experiment("edge-project", artifact_location=str(tmp_path / "artifacts"))
-    params = [f"model={tiny_source.path}", "windows=2", "repeats=2", "gates=accuracy_retention>=0.9",
-              "registered_model=tiny-search"]
-    done = mlflow_run("search", tracking_uri, "trials=2", *params)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert MlflowClient().get_model_version_by_alias("tiny-search", "cpu-champion")
-    again = mlflow_run("search", tracking_uri, "trials=3", *params)
-    assert again.returncode == 0, again.stderr[-3000:]
+def test_search_killed_mid_trial_resumes_the_same_study(tracking_uri, tiny_source, tmp_path):
     import optuna
 
-    study = optuna.load_study(study_name=f"{tiny_source.name}-cpu", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    assert len(study.trials) == 3  # resumed: one more trial, none repeated from the budget
+    mlflow.create_experiment("edge-project", artifact_location=str(tmp_path / "artifacts"))
+    params = [f"model={tiny_source.path}", "trials=2", "windows=2", "repeats=2", "gates=accuracy_retention>=0.9",
+              "registered_model=tiny-search"]
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    name = f"{tiny_source.name}-cpu"
+    first = mlflow_run("search", tracking_uri, *params, wait=False)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and first.poll() is None:  # kill it once a trial is under way
+            try:
+                trials = optuna.load_study(study_name=name, storage=storage).trials
+            except KeyError:  # the study does not exist yet
+                trials = []
+            if any(t.state == optuna.trial.TrialState.RUNNING and "run_id" in t.user_attrs for t in trials):
+                break
+            time.sleep(0.5)
+        assert first.poll() is None, "the search ended before it could be killed"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    again = mlflow_run("search", tracking_uri, *params)
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = optuna.load_study(study_name=name, storage=storage).trials
+    states = [t.state for t in trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1 and len(trials) == 3  # the killed trial, then 2 done
+    killed = next(t for t in trials if t.state == optuna.trial.TrialState.FAIL)
+    assert killed.user_attrs["error"] == STALE_REASON
+    runs = mlflow.search_runs(experiment_names=["edge-project"])
+    assert set(runs[runs["tags.mlflow_edge.error"] == STALE_REASON]["run_id"]) == {
+        killed.user_attrs["run_id"], *runs[(runs["tags.mlflow_edge.role"] == "study")
+                                           & (runs["status"] == "FAILED")]["run_id"]}
+    assert "RUNNING" not in set(runs["status"])
+    assert MlflowClient().get_model_version_by_alias("tiny-search", "cpu-champion")

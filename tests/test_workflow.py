@@ -33,24 +33,24 @@ def runs(experiment: str = "mlflow-edge") -> pd.DataFrame:
     return mlflow.search_runs(experiment_names=[experiment])
 
 
-def run_main(tiny_source, *extra: str):
-    return invoke("main", "--model", str(tiny_source.path), "--registered-model", MODEL_NAME, *FAST_EVAL, *extra)
+def run_sweep(tiny_source, *extra: str):
+    return invoke("sweep", "--model", str(tiny_source.path), "--registered-model", MODEL_NAME, *FAST_EVAL, *extra)
 
 
 @pytest.fixture(scope="module")
 def studied(tmp_path_factory, tiny_source, use_sqlite_store):
-    """One store shared by this module's study tests, after one main run in which Q4_K_M and Q8_0 pass and an
+    """One store shared by this module's study tests, after one sweep in which Q4_K_M and Q8_0 pass and an
     unknown type fails on its own. Yields the parent run id."""
     with pytest.MonkeyPatch.context() as patch:
         use_sqlite_store(tmp_path_factory.mktemp("study-store"), patch)
-        result = run_main(tiny_source, "--types", "Q4_K_M,Q9_X,Q8_0", *LOOSE_GATES)
+        result = run_sweep(tiny_source, "--types", "Q4_K_M,Q9_X,Q8_0", *LOOSE_GATES)
         assert result.exit_code == 0, result.output
         studies = runs()
         yield studies[studies["tags.mlflow_edge.role"] == "study"].iloc[0]["run_id"]
         mlflow.end_run()
 
 
-def test_main_leaves_parent_nested_runs_report_and_champion(studied):
+def test_sweep_leaves_parent_nested_runs_report_and_champion(studied):
     table = runs()
     parent = table[table["run_id"] == studied]
     assert len(parent) == 1 and parent.iloc[0]["status"] == "FINISHED"
@@ -107,7 +107,7 @@ def test_logged_models_carry_metrics_and_load_as_pyfunc(studied):
 def test_better_champion_is_kept(studied, tiny_source):
     client = MlflowClient()
     before = client.get_model_version_by_alias(MODEL_NAME, "cpu-champion").version
-    result = run_main(tiny_source, "--types", "Q8_0", *LOOSE_GATES)
+    result = run_sweep(tiny_source, "--types", "Q8_0", *LOOSE_GATES)
     assert result.exit_code == 0, result.output
     assert "kept" in result.output
     assert client.get_model_version_by_alias(MODEL_NAME, "cpu-champion").version == before
@@ -119,7 +119,7 @@ def test_better_champion_is_kept(studied, tiny_source):
 def test_no_feasible_candidate_registers_nothing_and_fails_the_run(studied, tiny_source):
     client = MlflowClient()
     before = client.get_model_version_by_alias(MODEL_NAME, "cpu-champion").version
-    result = run_main(tiny_source, "--types", "Q2_K", "--gates", "accuracy_retention>=1.5")
+    result = run_sweep(tiny_source, "--types", "Q2_K", "--gates", "accuracy_retention>=1.5")
     assert result.exit_code == 1
     assert "passed the gates" in one_line_error(result)
     studies = runs()

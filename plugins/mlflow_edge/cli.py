@@ -131,7 +131,8 @@ def evaluate(model: str, artifact_uri: str, target: str, gates: str | None, eval
 @click.option("--experiment", default="mlflow-edge", show_default=True, help="experiment whose runs compete")
 @_target
 @_gates
-@click.option("--policy", default="min:size_mb", show_default=True, help="max:<metric> or min:<metric>")
+@click.option("--policy", default="min:size_mb", show_default=True,
+              help="max:<metric>, min:<metric> or weighted:max:<metric>=<w>,min:<metric>=<w>,…")
 @click.option("--registered-model", required=True, help="registered model name")
 @click.option("--study", default=None, help="only candidates of this study (parent run id)")
 @_one_line_errors
@@ -158,7 +159,75 @@ def promote(experiment: str, target: str, gates: str | None, policy: str, regist
     click.echo(result.describe())
 
 
+def _optional_float(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """``''`` (an unset MLproject parameter) → ``None``; else a float."""
+    if value is None or not str(value).strip():
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number") from None
+
+
+def _search_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed([
+        _model, _target,
+        click.option("--trials", default=8, show_default=True, help="trial budget (a resumed study runs what is left)"),
+        click.option("--timeout", default=None, callback=_optional_float, help="time budget in seconds"),
+        click.option("--objectives", default="multi", show_default=True,
+                     help="'multi' (max decode_tok_s, min size_mb, max accuracy_retention) or max:/min:<metric>,…"),
+        _gates,
+        click.option("--policy", default="min:size_mb", show_default=True,
+                     help="promotion policy among feasible trials: max:/min:<metric> or "
+                          "weighted:max:<metric>=<w>,min:<metric>=<w>,…"),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--storage", default=None, help="Optuna storage URL (default: optuna.db beside the MLflow store)"),
+        click.option("--study-name", default=None, help="Optuna study name (default: <source>-<target>)"),
+        click.option("--registered-model", default=None, help="registered model name (default: <source>-edge)"),
+        click.option("--calibration-text", default=None, help="calibration text file (default: built-in slice)"),
+        click.option("--accuracy-only", type=click.BOOL, default=False, show_default=True,
+                     help="true: measure accuracy and size only (for a target whose hardware this machine lacks)"),
+        click.option("--screen-windows", default=None, type=int,
+                     help="windows of the cheap first accuracy check that can prune a trial (default: windows/4; 0: off)"),
+        click.option("--prune-margin", default=0.02, show_default=True,
+                     help="prune only when the first windows miss a gate by more than this (relative)"),
+        _eval_options, _experiment, _one_line_errors,
+    ]):
+        func = option(func)
+    return func
+
+
+def _search(run_name: str, model: str, target: str, trials: int, timeout: float | None, objectives: str,
+            gates: str | None, policy: str, seed: int, storage: str | None, study_name: str | None,
+            registered_model: str | None, calibration_text: str | None, accuracy_only: bool,
+            screen_windows: int | None, prune_margin: float, eval_text: str | None, window: int, windows: int,
+            threads: int | None, repeats: int, experiment: str | None) -> None:
+    from mlflow_edge.search import run_search
+
+    result = run_search(model, target, trials, timeout, objectives, gates, policy, seed, storage, study_name,
+                        registered_model or None, _settings(eval_text, window, windows, threads, repeats),
+                        calibration_text, experiment, accuracy_only=accuracy_only, screen_windows=screen_windows,
+                        prune_margin=prune_margin, run_name=run_name)
+    click.echo(f"study {result['study']}: {result['trials']} trials ({result['new_trials']} new), "
+               f"{len(result['pareto'])} on the Pareto front")
+    click.echo(result["promotion"])
+
+
 @main.command("main")
+@_search_options
+def main_flow(**kwargs: Any) -> None:
+    """The whole flow: convert for each of the target's backends, Optuna search, promotion of the best."""
+    _search("main", **kwargs)
+
+
+@main.command()
+@_search_options
+def search(**kwargs: Any) -> None:
+    """Optuna search over the target's backends and their quantization options, then promotion."""
+    _search("search", **kwargs)
+
+
+@main.command()
 @_model
 @_backend
 @click.option("--types", default=None, help="comma-separated quantization types (default: the GGUF sweep)")
@@ -172,50 +241,18 @@ def promote(experiment: str, target: str, gates: str | None, policy: str, regist
 @_eval_options
 @_experiment
 @_one_line_errors
-def main_flow(model: str, backend: str, types: str | None, base_precision: str, options: str | None,
-              calibration_text: str | None, target: str, gates: str | None, policy: str,
-              registered_model: str | None, eval_text: str | None, window: int, windows: int, threads: int | None,
-              repeats: int, experiment: str | None) -> None:
-    """The whole flow: convert, a sweep of quantization types, evaluation against the reference, promotion."""
-    from mlflow_edge.workflow import DEFAULT_SWEEP, run_main
+def sweep(model: str, backend: str, types: str | None, base_precision: str, options: str | None,
+          calibration_text: str | None, target: str, gates: str | None, policy: str, registered_model: str | None,
+          eval_text: str | None, window: int, windows: int, threads: int | None, repeats: int,
+          experiment: str | None) -> None:
+    """A fixed grid: convert, every given quantization type, evaluation against the reference, promotion."""
+    from mlflow_edge.workflow import DEFAULT_SWEEP, run_sweep
 
-    sweep = tuple(t.strip() for t in types.split(",") if t.strip()) if types else DEFAULT_SWEEP
-    result = run_main(model, backend, sweep, base_precision, parse_options(options), target, gates, policy,
-                      registered_model, _settings(eval_text, window, windows, threads, repeats), calibration_text,
-                      experiment)
+    grid = tuple(t.strip() for t in types.split(",") if t.strip()) if types else DEFAULT_SWEEP
+    result = run_sweep(model, backend, grid, base_precision, parse_options(options), target, gates, policy,
+                       registered_model, _settings(eval_text, window, windows, threads, repeats), calibration_text,
+                       experiment)
     click.echo(result.describe())
-
-
-@main.command()
-@_model
-@_target
-@click.option("--trials", default=8, show_default=True, help="trial budget (a resumed study runs what is left)")
-@click.option("--timeout", default=None, type=float, help="time budget in seconds")
-@click.option("--objectives", default="multi", show_default=True,
-              help="'multi' (max decode_tok_s, min size_mb, max accuracy_retention) or max:/min:<metric>,…")
-@_gates
-@click.option("--policy", default="min:size_mb", show_default=True, help="promotion policy among feasible trials")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--storage", default=None, help="Optuna storage URL (default: optuna.db beside the MLflow store)")
-@click.option("--study-name", default=None, help="Optuna study name (default: <source>-<target>)")
-@click.option("--registered-model", default=None, help="registered model name (default: <source>-edge)")
-@click.option("--calibration-text", default=None, help="calibration text file (default: built-in slice)")
-@_eval_options
-@_experiment
-@_one_line_errors
-def search(model: str, target: str, trials: int, timeout: float | None, objectives: str, gates: str | None,
-           policy: str, seed: int, storage: str | None, study_name: str | None, registered_model: str | None,
-           calibration_text: str | None, eval_text: str | None, window: int, windows: int, threads: int | None,
-           repeats: int, experiment: str | None) -> None:
-    """Optuna search over the target's backends and their quantization options, then promotion."""
-    from mlflow_edge.search import run_search
-
-    result = run_search(model, target, trials, timeout, objectives, gates, policy, seed, storage, study_name,
-                        registered_model or None, _settings(eval_text, window, windows, threads, repeats),
-                        calibration_text, experiment)
-    click.echo(f"study {result['study']}: {result['trials']} trials ({result['new_trials']} new), "
-               f"{len(result['pareto'])} on the Pareto front")
-    click.echo(result["promotion"])
 
 
 @main.command()

@@ -44,6 +44,12 @@ METRICS: tuple[str, ...] = (
 )
 """The metric names of CONVENTIONS.md, in its order."""
 
+ACCURACY_SIZE_METRICS: tuple[str, ...] = (
+    "size_mb", "compression_ratio", "bits_per_weight", "perplexity", "kld_mean", "kld_p99", "top1_agreement",
+    "accuracy_retention",
+)
+"""What is measured without the target's hardware: the artifact's bytes and its outputs (any device computes them)."""
+
 Status = Literal["pass", "fail", "missing"]
 
 _OPS = {">=": ">=", "<=": "<=", "≥": ">=", "≤": "<="}
@@ -215,8 +221,47 @@ class Gates:
             results.append(GroupResult(group, tuple(GateResult(g, v, g.check(v)) for g, v in zip(group.gates, values))))
         return GateReport(self, tuple(results))
 
+    def violations(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """One Optuna constraint per group, keyed by its tag key: ``0`` when it passes, else the smallest relative
+        shortfall of its gates (``1e6`` for a missing metric), so a feasible trial has every value ``<= 0``."""
+        values = {}
+        for group in self.check(metrics).groups:
+            shortfalls = [0.0] if group.passed else [_shortfall(r) for r in group.results]
+            values[group.group.tag_key()] = min(shortfalls)
+        return values
+
+    def certain_failures(self, metrics: Mapping[str, float], margin: float = 0.0) -> list[GroupResult]:
+        """Groups that ``metrics`` already fail for sure: every gate's metric is known and misses its threshold by
+        more than ``margin`` (relative). Groups with an unknown metric are undecided. Used to prune early."""
+        failed = []
+        for group in self.check(metrics).groups:
+            known = all(r.value is not None for r in group.results)
+            if known and all(r.status == "fail" and _shortfall(r) > margin for r in group.results):
+                failed.append(group)
+        return failed
+
+    def restricted_to(self, measured: Sequence[str]) -> tuple["Gates | None", list[str]]:
+        """These gates without those on metrics outside ``measured``: a group keeps its measurable gates, a group
+        with none is dropped. Returns the remaining gates (``None`` when none remain) and the dropped gates."""
+        kept_groups, dropped = [], []
+        for group in self.groups:
+            kept = tuple(g for g in group.gates if g.metric in measured)
+            dropped += [str(g) for g in group.gates if g.metric not in measured]
+            if kept:
+                kept_groups.append(GateGroup(kept))
+        return (Gates(tuple(kept_groups)) if kept_groups else None), dropped
+
     def __str__(self) -> str:
         return ",".join(str(g) for g in self.groups)
+
+
+def _shortfall(result: GateResult) -> float:
+    """How far a gate misses, relative to its threshold (``0`` when it passes, ``1e6`` when its metric is missing)."""
+    if result.value is None:
+        return 1e6
+    gate = result.gate
+    gap = gate.threshold - result.value if gate.op == ">=" else result.value - gate.threshold
+    return max(gap / max(abs(gate.threshold), 1e-9), 1e-9) if result.status == "fail" else 0.0
 
 
 def _check_consistent(groups: Sequence[GateGroup]) -> None:

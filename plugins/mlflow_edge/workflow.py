@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import mlflow
+import optuna
 
 from mlflow_edge import cache, flavors
 from mlflow_edge.backends import get_backend
@@ -31,6 +32,7 @@ from mlflow_edge.targets import framework_versions, get_target, hardware_fingerp
 DEFAULT_EXPERIMENT = "mlflow-edge"
 DEFAULT_SWEEP = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_1", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 ERROR_TAG = "mlflow_edge.error"
+PRUNED_TAG = "mlflow_edge.pruned"
 
 
 def progress(message: str) -> None:
@@ -41,13 +43,18 @@ def progress(message: str) -> None:
 @contextlib.contextmanager
 def tracked_run(run_name: str, experiment: str | None = None, nested: bool = False,
                 tags: Mapping[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
-    """A run that ends FAILED with the reason tagged when the body raises; resumes the run ``mlflow run`` made."""
+    """A run that ends FAILED with the reason tagged when the body raises (KILLED, tagged ``mlflow_edge.pruned``, when
+    a search prunes it); resumes the run ``mlflow run`` made."""
     if not nested and mlflow.active_run() is None and "MLFLOW_RUN_ID" not in os.environ:
         mlflow.set_experiment(experiment or DEFAULT_EXPERIMENT)
     run = mlflow.start_run(run_name=None if (not nested and "MLFLOW_RUN_ID" in os.environ) else run_name,
                            nested=nested, tags=dict(tags or {}))
     try:
         yield run
+    except optuna.TrialPruned as exc:  # a search stopped this candidate early on purpose
+        mlflow.set_tag(PRUNED_TAG, str(exc)[:5000] or "pruned")
+        mlflow.end_run("KILLED")
+        raise
     except BaseException as exc:
         reason = str(exc) if isinstance(exc, EdgeError) else f"{type(exc).__name__}: {exc}"
         mlflow.set_tag(ERROR_TAG, reason.splitlines()[0][:5000] if reason else type(exc).__name__)
@@ -175,8 +182,9 @@ def evaluate_candidate(evaluator: Evaluator, artifact: Artifact, gates: Gates, t
     mlflow.log_params({**artifact_params(artifact, target), **evaluator.settings.params()})
     mlflow.set_tags(report.as_tags())
     model_uri = log_model_with_metrics(artifact, metrics)
+    speed = f", decode {metrics['decode_tok_s']:.1f} tok/s" if "decode_tok_s" in metrics else ""
     progress(f"{artifact.precision}: size {metrics['size_mb']:.1f} MB, ppl {metrics['perplexity']:.3f}, "
-             f"KLD {metrics['kld_mean']:.4f}, decode {metrics['decode_tok_s']:.1f} tok/s, gates {report.describe()}")
+             f"KLD {metrics['kld_mean']:.4f}{speed}, gates {report.describe()}")
     return {"metrics": metrics, "report": report, "model_uri": model_uri}
 
 
@@ -244,12 +252,14 @@ def _artifact_from_uri(uri: str, source: SourceModel) -> Artifact:
     return flavors.artifact_from_model(uri)
 
 
-def run_main(model: str = "demo", backend: str = "llamacpp", types: Sequence[str] = DEFAULT_SWEEP,
+def run_sweep(model: str = "demo", backend: str = "llamacpp", types: Sequence[str] = DEFAULT_SWEEP,
              base_precision: str = "f16", options: Mapping[str, Any] | None = None, target: str = "cpu",
              gates: str | Sequence[str] | None = None, policy: str = "min:size_mb",
              registered_model: str | None = None, settings: EvalSettings | None = None,
              calibration_path: str | None = None, experiment: str | None = None):
-    """convert → a fixed sweep of quantization types → evaluate each against the reference → promote."""
+    """convert → a fixed sweep of one backend's quantization types → evaluate each against the reference → promote.
+
+    The exhaustive counterpart of the search (``main``), for a grid chosen by hand."""
     from mlflow_edge import registry
     from mlflow_edge.report import comparison_table, write_report
 
@@ -261,7 +271,7 @@ def run_main(model: str = "demo", backend: str = "llamacpp", types: Sequence[str
     settings = settings or EvalSettings()
     calibration = calibration_text(calibration_path)
     check_disjoint(settings.text, calibration)
-    with tracked_run("main", experiment, tags=run_tags(target, "main", "study", [backend])) as parent:
+    with tracked_run("sweep", experiment, tags=run_tags(target, "sweep", "study", [backend])) as parent:
         study = parent.info.run_id
         mlflow.set_tag("mlflow_edge.study", study)
         source = resolve_source(model)
@@ -292,14 +302,14 @@ def run_main(model: str = "demo", backend: str = "llamacpp", types: Sequence[str
             evaluator.close()
         table = comparison_table(rows)
         with tempfile.TemporaryDirectory() as tmp:
-            write_report(table, Path(tmp), title=f"{source.name} on {target}: GGUF sweep")
+            write_report(table, Path(tmp), title=f"{source.name} on {target}: {backend} sweep")
             mlflow.log_artifacts(tmp, artifact_path="report")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
         return promote_study(parent, study, source, target, gate_spec, policy, registered_model)
 
 
-def promote_study(parent: mlflow.ActiveRun, study: str, source: SourceModel, target: str, gates: Gates, policy: str,
-                  registered_model: str | None):
+def promote_study(parent: mlflow.ActiveRun, study: str, source: SourceModel, target: str, gates: Gates,
+                  policy: "str | registry.Policy", registered_model: str | None):
     """Promote the best feasible candidate of ``study`` and record the outcome on the parent run."""
     from mlflow_edge import registry
 

@@ -108,7 +108,39 @@ def test_settings_params_name_the_text(tiny_settings):
     params = tiny_settings.params()
     assert params["eval.dataset"] == "wikitext-2[0:40000]"
     assert len(params["eval.sha256"]) == 64
-    assert set(params) == {"eval.dataset", "eval.window", "eval.windows", "eval.threads", "eval.repeats", "eval.sha256"}
+    assert set(params) == {"eval.dataset", "eval.window", "eval.windows", "eval.threads", "eval.repeats", "eval.sha256",
+                           "eval.speed"}
+    assert params["eval.speed"] == "true"
+
+
+def test_screen_scores_the_first_windows_against_the_same_reference_windows(evaluated):
+    evaluator, reference, artifacts, results = evaluated
+    one = evaluator.screen(artifacts["Q2_K"], windows=1)
+    both = evaluator.screen(artifacts["Q2_K"], windows=5)  # clamped to the 2 windows there are
+    assert set(one) == {"perplexity", "kld_mean", "kld_p99", "top1_agreement", "accuracy_retention", "size_mb",
+                        "bits_per_weight", "compression_ratio"}
+    assert both["perplexity"] == pytest.approx(results["Q2_K"]["perplexity"], rel=1e-4)
+    assert both["kld_mean"] == pytest.approx(results["Q2_K"]["kld_mean"], rel=1e-4)
+    # the reference perplexity comes from its cached float16 log-probabilities: the retention agrees closely
+    assert both["accuracy_retention"] == pytest.approx(results["Q2_K"]["accuracy_retention"], rel=1e-3)
+    assert one["perplexity"] != pytest.approx(both["perplexity"], rel=1e-6)
+    assert one["size_mb"] == results["Q2_K"]["size_mb"]
+
+
+def test_accuracy_only_settings_measure_no_speed(tiny_source, evaluated):
+    _, _, artifacts, results = evaluated
+    settings = dataclasses.replace(evaluated[0].settings, speed=False)
+    evaluator = Evaluator(tiny_source, settings)
+    try:
+        reference = evaluator.evaluate_reference()
+        metrics = evaluator.evaluate(artifacts["Q8_0"])
+    finally:
+        evaluator.close()
+    from mlflow_edge.gates import ACCURACY_SIZE_METRICS
+
+    assert set(metrics) == set(ACCURACY_SIZE_METRICS) and set(reference) == set(ACCURACY_SIZE_METRICS)
+    assert metrics["perplexity"] == pytest.approx(results["Q8_0"]["perplexity"], rel=1e-5)
+    assert settings.params()["eval.speed"] == "false"
 
 
 @pytest.mark.slow

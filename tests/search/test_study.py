@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from mlflow_edge.backends.base import EdgeError
 from mlflow_edge.search import run_search
 from mlflow_edge.gates import parse_gates
-from mlflow_edge.search.study import STALE_REASON, fail_stale_trials, gate_violations, parse_objectives
+from mlflow_edge.search.study import STALE_REASON, fail_stale_trials, parse_objectives
 
 GATES = "accuracy_retention>=0.9"
 MODEL_NAME = "tiny-search-edge"
@@ -73,17 +73,18 @@ def test_search_keeps_optuna_study_next_to_mlflow_store(searched):
     assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL) for t in trials)
     for trial in trials:
         if trial.state == optuna.trial.TrialState.COMPLETE:
-            assert len(trial.values) == 3 and len(trial.user_attrs["constraints"]) == 1
+            assert len(trial.values) == 3 and list(trial.constraints) == ["gate.accuracy_retention_ge_0.9"]
 
 
 def test_search_logs_pareto_report_and_promotes(searched):
     folder, result = searched
     artifacts = {f.path for f in MlflowClient().list_artifacts(result["run_id"], "search")}
-    assert {"search/pareto.csv", "search/pareto.html", "search/pareto_front.png"} <= artifacts
+    assert {"search/pareto.csv", "search/pareto.html", "search/pareto_front.png", "search/pareto_front.html",
+            "search/trials.csv"} <= artifacts
     local = mlflow.artifacts.download_artifacts(run_id=result["run_id"], artifact_path="search/pareto.csv")
     pareto = pd.read_csv(local)
     assert len(pareto) == len(result["pareto"]) >= 1
-    assert (pareto["gates"] == "pass").all() and (pareto["accuracy_retention"] >= 0.9).all()
+    assert (pareto["accuracy_retention"] >= 0.9).all()
     version = MlflowClient().get_model_version_by_alias(MODEL_NAME, "cpu-champion")
     assert version.tags["mlflow_edge.run_id"] in set(pareto["run_id"])
     assert "promoted" in result["promotion"]
@@ -107,7 +108,12 @@ def test_search_resumes_the_remaining_budget(searched, tiny_source, settings):
     ({"target": "mars"}, "unknown target 'mars'"),
     ({"gates": "x>=1"}, "unknown metric 'x'"),
     ({"objectives": "max:speed"}, "bad objectives"),
-    ({"target": "intel-cpu"}, "no installed backend"),
+    ({"target": "arm-cpu"}, "latency cannot be measured here; rerun with --accuracy-only true"),
+    ({"target": "arm-cpu", "accuracy_only": True, "gates": "speedup>=2"}, "no gate can be checked"),
+    ({"target": "arm-cpu", "accuracy_only": True, "gates": "accuracy_retention>=0.9", "policy": "max:decode_tok_s"},
+     "policy 'max:decode_tok_s' needs metrics"),
+    ({"timeout": 0}, "budget of 0"),
+    ({"policy": "weighted:max:size_mb=0"}, "bad promotion policy"),
 ])
 def test_bad_inputs_are_one_line_errors_and_register_nothing(tracking_uri, tiny_source, kwargs, message):
     with pytest.raises(EdgeError) as info:
@@ -128,14 +134,12 @@ def test_stale_running_trials_are_failed(tmp_path):
     assert study.trials[1].user_attrs["error"] == STALE_REASON
 
 
-def test_objectives_and_gate_violations():
+def test_objectives():
     assert parse_objectives("multi")[0] == ("decode_tok_s", "maximize")
     assert parse_objectives("min:size_mb") == (("size_mb", "minimize"),)
-    gates = parse_gates("accuracy_retention>=0.9,speedup>=2.0|compression_ratio>=2.0")
-    assert gate_violations(gates, {"accuracy_retention": 0.95, "speedup": 1.0, "compression_ratio": 3.0}) == [0.0, 0.0]
-    low = gate_violations(gates, {"accuracy_retention": 0.45, "speedup": 1.0, "compression_ratio": 1.5})
-    assert low[0] == pytest.approx(0.5) and low[1] == pytest.approx(0.25)
-    assert gate_violations(gates, {"speedup": 3.0})[0] > 0
+    assert parse_objectives("multi", accuracy_only=True) == (("size_mb", "minimize"), ("accuracy_retention", "maximize"))
+    with pytest.raises(EdgeError, match="not measured in the accuracy/size-only mode"):
+        parse_objectives("max:decode_tok_s", accuracy_only=True)
 
 
 def test_a_failing_trial_fails_alone(tracking_uri, tiny_source, monkeypatch):
@@ -158,3 +162,68 @@ def test_a_failing_trial_fails_alone(tracking_uri, tiny_source, monkeypatch):
     assert [t.state for t in state.trials] == [optuna.trial.TrialState.FAIL]
     assert state.trials[0].user_attrs["error"] == "llama.cpp could not quantize: simulated"
     assert MlflowClient().search_registered_models() == []
+
+
+def _study(name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{Path.cwd() / 'optuna.db'}")
+
+
+def test_a_trial_failing_the_accuracy_gate_on_the_first_windows_is_pruned(tracking_uri, tiny_source, settings):
+    result = None
+    with pytest.raises(EdgeError, match="no finished candidate runs"):
+        result = run_search(str(tiny_source.path), trials=2, gates="accuracy_retention>=1.5", settings=settings,
+                            screen_windows=1, registered_model=MODEL_NAME)
+    assert result is None
+    trials = _study(f"{tiny_source.name}-cpu").trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.PRUNED] * 2
+    assert all(t.constraints["gate.accuracy_retention_ge_1.5"] > 0 for t in trials)
+    table = mlflow.search_runs(search_all_experiments=True)
+    pruned = table[table["tags.mlflow_edge.role"] == "candidate"]
+    assert list(pruned["status"]) == ["KILLED", "KILLED"]
+    assert pruned["tags.mlflow_edge.pruned"].str.startswith("pruned after 1 of 2 windows: accuracy_retention").all()
+    assert pruned["metrics.screen.accuracy_retention"].lt(1.5).all()
+    assert pruned["metrics.decode_tok_s"].isna().all() if "metrics.decode_tok_s" in pruned else True
+    assert "tags.mlflow_edge.model_uri" not in pruned or pruned["tags.mlflow_edge.model_uri"].isna().all()
+    assert MlflowClient().search_registered_models() == []
+
+
+def test_without_screening_the_same_trial_is_measured_in_full(tracking_uri, tiny_source, settings):
+    with pytest.raises(EdgeError, match="none of 1 candidates passed the gates"):
+        run_search(str(tiny_source.path), trials=1, gates="accuracy_retention>=1.5", settings=settings,
+                   screen_windows=0, registered_model=MODEL_NAME)
+    (trial,) = _study(f"{tiny_source.name}-cpu").trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.constraints["gate.accuracy_retention_ge_1.5"] > 0
+
+
+def test_a_repeated_configuration_reuses_the_earlier_result(tracking_uri, tiny_source, settings):
+    name = f"{tiny_source.name}-cpu"
+    study = optuna.create_study(storage=f"sqlite:///{Path.cwd() / 'optuna.db'}", study_name=name,
+                                directions=["maximize", "minimize", "maximize"])
+    for _ in range(2):
+        study.enqueue_trial({"backend": "llamacpp", "llamacpp.precision": "Q8_0", "llamacpp.imatrix": False})
+    result = run_search(str(tiny_source.path), trials=2, gates=GATES, settings=settings, registered_model=MODEL_NAME)
+    first, second = _study(name).trials
+    assert second.user_attrs["twin_of"] == 0 and second.values == first.values
+    assert second.user_attrs["run_id"] == first.user_attrs["run_id"] and second.constraints == first.constraints
+    table = mlflow.search_runs(search_all_experiments=True)
+    assert list(table[table["tags.mlflow_edge.role"] == "candidate"]["tags.mlflow_edge.trial"]) == ["0"]
+    assert len(result["pareto"]) == 1
+
+
+def test_accuracy_only_mode_for_a_target_whose_hardware_is_absent(tracking_uri, tiny_source, settings):
+    result = run_search(str(tiny_source.path), target="arm-cpu", trials=2, accuracy_only=True, settings=settings,
+                        policy="weighted:min:size_mb=1,max:accuracy_retention=1", registered_model=MODEL_NAME,
+                        gates="accuracy_retention>=0.5,speedup>=2.0|compression_ratio>=1.5,latency_cv<=0.1")
+    parent = mlflow.get_run(result["run_id"])
+    assert parent.data.tags["mlflow_edge.measured"] == "accuracy,size"
+    assert parent.data.tags["gates.dropped"] == "speedup>=2.0,latency_cv<=0.1"
+    assert parent.data.params["gates"] == "accuracy_retention>=0.5,compression_ratio>=1.5"
+    table = mlflow.search_runs(search_all_experiments=True)
+    finished = table[(table["tags.mlflow_edge.role"] == "candidate") & (table["status"] == "FINISHED")]
+    assert len(finished) >= 1 and (finished["params.eval.speed"] == "false").all()
+    assert finished["metrics.accuracy_retention"].notna().all() and finished["metrics.size_mb"].notna().all()
+    for absent in ("metrics.decode_tok_s", "metrics.speedup", "metrics.peak_rss_mb", "metrics.latency_cv"):
+        assert absent not in finished or finished[absent].isna().all()
+    assert _study(f"{tiny_source.name}-arm-cpu").metric_names == ["size_mb", "accuracy_retention"]
+    version = MlflowClient().get_model_version_by_alias(MODEL_NAME, "arm-cpu-champion")
+    assert version.tags["policy"] == "weighted:min:size_mb=1,max:accuracy_retention=1"

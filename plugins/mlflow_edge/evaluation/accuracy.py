@@ -42,6 +42,7 @@ class AccuracyAccumulator:
         self.nll: list[np.ndarray] = []
         self.kld: list[np.ndarray] = []
         self.top1: list[np.ndarray] = []
+        self.reference_nll: list[np.ndarray] = []
         self.kept_logprobs: list[np.ndarray] = []
         self.kept_argmax: list[np.ndarray] = []
 
@@ -60,6 +61,7 @@ class AccuracyAccumulator:
             ref_p = np.exp(ref_logprobs[:, :vocab])
             self.kld.append(np.maximum((ref_p * (ref_logprobs[:, :vocab] - logprobs[:, :vocab])).sum(axis=-1), 0.0))
             self.top1.append(argmax == self.reference[1][index])
+            self.reference_nll.append(-ref_logprobs[np.arange(len(targets)), targets])
 
     def save_reference(self, path: Path, argmax_path: Path) -> ReferenceLogprobs:
         np.save(path, np.stack(self.kept_logprobs))
@@ -74,4 +76,5 @@ class AccuracyAccumulator:
             result["kld_mean"] = float(kld.mean())
             result["kld_p99"] = float(np.percentile(kld, 99))
             result["top1_agreement"] = float(np.concatenate(self.top1).mean())
+            result["reference_perplexity"] = float(np.exp(np.concatenate(self.reference_nll).mean()))
         return result

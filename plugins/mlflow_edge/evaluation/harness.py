@@ -24,6 +24,7 @@ import numpy as np
 from mlflow_edge import cache
 from mlflow_edge.backends.base import Artifact, EdgeError
 from mlflow_edge.evaluation.data import TextSlice, evaluation_text
+from mlflow_edge.gates import ACCURACY_SIZE_METRICS
 from mlflow_edge.sources import SourceModel
 
 REFERENCE = "reference"
@@ -45,6 +46,8 @@ class EvalSettings:
     prefill_tokens: int = 256
     prompt_tokens: int = 32
     decode_tokens: int = 32
+    speed: bool = True
+    """``False``: the accuracy/size-only mode for a target whose hardware is absent (no timed runs)."""
 
     def __post_init__(self) -> None:
         for name in ("window", "windows", "threads", "repeats", "prefill_tokens", "prompt_tokens", "decode_tokens"):
@@ -67,6 +70,7 @@ class EvalSettings:
             "eval.threads": str(self.threads),
             "eval.repeats": str(self.repeats),
             "eval.sha256": self.text.sha256,
+            "eval.speed": str(self.speed).lower(),
         }
 
 
@@ -119,9 +123,9 @@ class Evaluator:
         size_bytes = sum(f.stat().st_size for f in self.source.path.glob("*.safetensors"))
         metrics = {**measured, **_size_metrics(size_bytes, self.source.num_parameters)}
         metrics.update(kld_mean=0.0, kld_p99=0.0, top1_agreement=1.0)
-        self.reference_metrics = metrics
         metrics.update(relative_metrics(metrics, metrics))
-        return metrics
+        self.reference_metrics = metrics
+        return self._measured(metrics)
 
     def evaluate(self, artifact: Artifact) -> dict[str, float]:
         """Measure ``artifact``: size, speed, memory, accuracy, and the ratios against the reference."""
@@ -132,13 +136,42 @@ class Evaluator:
             "artifact": artifact.to_json(),
             "reference": str(self._reference_dir),
         })
+        measured.pop("reference_perplexity", None)
         metrics = {**measured, **_size_metrics(artifact.size_bytes, artifact.num_parameters)}
         metrics.update(relative_metrics(metrics, self.reference_metrics))
+        return self._measured(metrics)
+
+    def _measured(self, metrics: dict[str, float]) -> dict[str, float]:
+        """All metrics, or only accuracy and size when speed is off (load time and memory of this machine say
+        nothing about the absent target hardware)."""
+        return metrics if self.settings.speed else {k: v for k, v in metrics.items() if k in ACCURACY_SIZE_METRICS}
+
+    def screen(self, artifact: Artifact, windows: int) -> dict[str, float]:
+        """The cheap first look: accuracy on the first ``windows`` windows only, no timed runs.
+
+        ``accuracy_retention`` compares with the reference's perplexity on the same windows, so a trial that already
+        fails an accuracy gate can be pruned before the costly speed runs and logging.
+        """
+        if self.reference_metrics is None:
+            self.evaluate_reference()
+        windows = max(1, min(windows, self.settings.windows))
+        measured = self._run_child({
+            "kind": "artifact",
+            "artifact": artifact.to_json(),
+            "reference": str(self._reference_dir),
+            "speed": False,
+            "windows": windows,
+        })
+        metrics = {k: measured[k] for k in ("perplexity", "kld_mean", "kld_p99", "top1_agreement")}
+        metrics["accuracy_retention"] = measured["reference_perplexity"] / measured["perplexity"]
+        metrics.update(_size_metrics(artifact.size_bytes, artifact.num_parameters))
+        metrics["compression_ratio"] = self.reference_metrics["size_mb"] / metrics["size_mb"]
         return metrics
 
     def _run_child(self, job: Mapping[str, Any]) -> dict[str, float]:
         s = self.settings
         spec = {
+            "speed": s.speed,
             **job,
             "tokens": str(self.tokens_path),
             "prompt": str(self.prompt_path),
@@ -173,13 +206,15 @@ def _size_metrics(size_bytes: int, num_parameters: int) -> dict[str, float]:
 
 
 def relative_metrics(metrics: Mapping[str, float], reference: Mapping[str, float]) -> dict[str, float]:
-    """The ratios against the reference measured in the same study."""
-    return {
+    """The ratios against the reference measured in the same study (``speedup`` only where speed was measured)."""
+    ratios = {
         "compression_ratio": reference["size_mb"] / metrics["size_mb"],
         "accuracy_retention": reference["perplexity"] / metrics["perplexity"],
-        "speedup": metrics["decode_tok_s"] / reference["decode_tok_s"],
         "memory_reduction": 1.0 - metrics["peak_rss_mb"] / reference["peak_rss_mb"],
     }
+    if "decode_tok_s" in metrics and "decode_tok_s" in reference:
+        ratios["speedup"] = metrics["decode_tok_s"] / reference["decode_tok_s"]
+    return ratios
 
 
 def _last_line(text: str) -> str:

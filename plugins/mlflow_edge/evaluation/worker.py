@@ -90,13 +90,15 @@ def measure_accuracy(runner: Runner, tokens: np.ndarray, spec: dict[str, Any]) -
 
 
 def run(spec: dict[str, Any]) -> dict[str, float]:
-    tokens = np.load(spec["tokens"])
+    """Load, then (unless ``speed`` is false) the timed runs, peak memory, and accuracy on the first ``windows``."""
+    tokens = np.load(spec["tokens"])[: spec.get("windows")]
     load = _loader(spec)
     start = time.perf_counter()
     runner = load()
     metrics = {"load_s": time.perf_counter() - start}
     try:
-        metrics.update(measure_speed(runner, np.load(spec["prompt"]), spec))
+        if spec.get("speed", True):
+            metrics.update(measure_speed(runner, np.load(spec["prompt"]), spec))
         metrics["peak_rss_mb"] = _peak_rss_mb()
         metrics.update(measure_accuracy(runner, tokens, spec))
     finally:

@@ -2,8 +2,8 @@
 
 from mlflow_edge.search.space import backends_for, suggest
 from mlflow_edge.search.study import (
-    MULTI_OBJECTIVE, gate_violations, parse_objectives, pareto_table, run_search, write_search_report,
+    MULTI_OBJECTIVE, Objective, parse_objectives, pareto_table, run_search, write_search_report,
 )
 
-__all__ = ["MULTI_OBJECTIVE", "backends_for", "gate_violations", "parse_objectives", "pareto_table", "run_search",
+__all__ = ["MULTI_OBJECTIVE", "Objective", "backends_for", "parse_objectives", "pareto_table", "run_search",
            "suggest", "write_search_report"]

@@ -2,7 +2,9 @@
 
 One parent MLflow run (role ``study``) holds the reference run and one nested run per trial (role ``candidate``,
 tagged ``mlflow_edge.trial`` and ``optuna.study``). Gates are Optuna constraints (one value per gate group, ``<= 0``
-when the group passes), so the Pareto front (``study.best_trials``) holds only feasible trials. The study lives in an
+when the group passes, set with ``Trial.set_constraint``), so the Pareto front (``study.best_trials``) holds only
+feasible trials. Evaluation is cheap-first: a trial whose accuracy on the first windows already fails a gate is
+pruned before its timed runs, and a trial that repeats an earlier one's parameters reuses its result. The study lives in an
 Optuna RDB store (default ``optuna.db`` next to the MLflow sqlite store), so a second call with the same study name
 resumes it and only runs what is left of the ``trials`` budget::
 
@@ -17,6 +19,7 @@ process; they are marked FAIL (with their MLflow runs) and do not count against 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tempfile
@@ -32,12 +35,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mlflow_edge import registry
 from mlflow_edge.backends.base import EdgeError
-from mlflow_edge.evaluation.data import calibration_text, check_disjoint
+from mlflow_edge.evaluation.data import TextSlice, calibration_text, check_disjoint
 from mlflow_edge.evaluation.harness import EvalSettings, Evaluator
-from mlflow_edge.gates import METRICS, Gates, parse_gates
+from mlflow_edge.gates import ACCURACY_SIZE_METRICS, METRICS, Gates, parse_gates
 from mlflow_edge.search.space import backends_for, suggest
-from mlflow_edge.sources import resolve_source
-from mlflow_edge.targets import get_target
+from mlflow_edge.sources import SourceModel, resolve_source
+from mlflow_edge.targets import get_target, is_measurable
 from mlflow_edge.workflow import (
     ERROR_TAG, base_precision, convert, evaluate_candidate, evaluate_reference, log_new_params, progress,
     promote_study, quantize, run_tags, tracked_run,
@@ -47,15 +50,17 @@ MULTI_OBJECTIVE: tuple[tuple[str, str], ...] = (
     ("decode_tok_s", "maximize"), ("size_mb", "minimize"), ("accuracy_retention", "maximize"),
 )
 """``objectives="multi"``: fast, small and faithful."""
+ACCURACY_SIZE_OBJECTIVE: tuple[tuple[str, str], ...] = (("size_mb", "minimize"), ("accuracy_retention", "maximize"))
+"""``objectives="multi"`` in the accuracy/size-only mode (no speed measured)."""
 
 DONE_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 STALE_REASON = "interrupted: the trial was left RUNNING by a stopped search"
 
 
-def parse_objectives(spec: str) -> tuple[tuple[str, str], ...]:
+def parse_objectives(spec: str, accuracy_only: bool = False) -> tuple[tuple[str, str], ...]:
     """``"multi"`` or comma-separated ``max:<metric>``/``min:<metric>`` → ``((metric, direction), …)``."""
     if spec == "multi":
-        return MULTI_OBJECTIVE
+        return ACCURACY_SIZE_OBJECTIVE if accuracy_only else MULTI_OBJECTIVE
     parsed = []
     for part in str(spec).split(","):
         direction, _, metric = part.strip().partition(":")
@@ -65,32 +70,11 @@ def parse_objectives(spec: str) -> tuple[tuple[str, str], ...]:
         parsed.append((metric, "maximize" if direction == "max" else "minimize"))
     if len({m for m, _ in parsed}) != len(parsed):
         raise EdgeError(f"bad objectives '{spec}': a metric appears twice")
+    unmeasured = [m for m, _ in parsed if accuracy_only and m not in ACCURACY_SIZE_METRICS]
+    if unmeasured:
+        raise EdgeError(f"objective {', '.join(unmeasured)} is not measured in the accuracy/size-only mode "
+                        f"(choose from {', '.join(ACCURACY_SIZE_METRICS)})")
     return tuple(parsed)
-
-
-def gate_violations(gates: Gates, metrics: dict[str, float]) -> list[float]:
-    """One Optuna constraint per gate group: 0 when it passes, else the smallest relative shortfall of its gates
-    (1e6 when a gated metric is missing)."""
-    violations = []
-    for group in gates.check(metrics).groups:
-        if group.passed:
-            violations.append(0.0)
-            continue
-        shortfalls = []
-        for result in group.results:
-            if result.value is None:
-                shortfalls.append(1e6)
-            else:
-                gap = (result.gate.threshold - result.value if result.gate.op == ">="
-                       else result.value - result.gate.threshold)
-                shortfalls.append(max(gap, 0.0) / max(abs(result.gate.threshold), 1e-9) or 1e-9)
-        violations.append(min(shortfalls))
-    return violations
-
-
-def constraints(trial: FrozenTrial) -> list[float]:
-    """The ``constraints_func`` of the sampler: the violations the objective stored on the trial."""
-    return list(trial.user_attrs.get("constraints", [1e6]))
 
 
 def default_storage() -> str:
@@ -122,7 +106,8 @@ def _fail_stale_runs(experiment_id: str, study_name: str, current_run: str) -> N
 
 
 def pareto_table(study: optuna.Study, objectives: Sequence[tuple[str, str]]) -> pd.DataFrame:
-    """The feasible Pareto front: trial, backend, precision, options, gate result, metrics, MLflow run id."""
+    """The feasible Pareto front (``study.best_trials``, one row per MLflow run): trial, backend, precision, options,
+    metrics, run id."""
     rows = []
     for trial in sorted(study.best_trials, key=lambda t: t.number):
         metrics = trial.user_attrs.get("metrics", {})
@@ -130,18 +115,19 @@ def pareto_table(study: optuna.Study, objectives: Sequence[tuple[str, str]]) -> 
             "trial": trial.number, "backend": trial.user_attrs.get("backend"),
             "precision": trial.user_attrs.get("precision"),
             "options": json.dumps(trial.user_attrs.get("options", {}), sort_keys=True),
-            "gates": "pass" if not any(v > 0 for v in trial.user_attrs.get("constraints", [])) else "fail",
             **{m: metrics.get(m, math.nan) for m in METRICS}, "run_id": trial.user_attrs.get("run_id"),
         })
-    columns = ["trial", "backend", "precision", "options", "gates", *METRICS, "run_id"]
-    table = pd.DataFrame(rows, columns=columns)
+    columns = ["trial", "backend", "precision", "options", *METRICS, "run_id"]
+    table = pd.DataFrame(rows, columns=columns).drop_duplicates("run_id")  # a repeated trial reuses its twin's run
     return table.sort_values([m for m, _ in objectives], ascending=[d == "minimize" for _, d in objectives])
 
 
 def write_search_report(study: optuna.Study, objectives: Sequence[tuple[str, str]], out_dir: Path) -> list[Path]:
-    """``pareto.csv``, ``pareto.html``, ``trials.csv``, ``pareto_front.png`` (or ``optimization_history.png``) and,
-    when the trials vary, ``param_importances.png``."""
+    """``pareto.csv``, ``pareto.html``, ``trials.csv``, and the plots as PNG (matplotlib) and interactive HTML (plotly):
+    ``pareto_front`` (or ``optimization_history`` for one objective) and, when the trials vary,
+    ``param_importances``."""
     import matplotlib.pyplot as plt
+    from optuna import visualization as vis
     from optuna.visualization import matplotlib as oplt
 
     table = pareto_table(study, objectives)
@@ -155,78 +141,200 @@ def write_search_report(study: optuna.Study, objectives: Sequence[tuple[str, str
     names = [m for m, _ in objectives]
     plots = []
     if complete:
-        if len(objectives) > 1 and len(objectives) <= 3:
-            plots.append(("pareto_front.png",
-                          lambda: oplt.plot_pareto_front(study, target_names=names, constraints_func=constraints)))
+        if len(objectives) in (2, 3):
+            plots.append(("pareto_front", lambda m: m.plot_pareto_front(study, target_names=names)))
         elif len(objectives) == 1:
-            plots.append(("optimization_history.png",
-                          lambda: oplt.plot_optimization_history(study, target_name=names[0])))
+            plots.append(("optimization_history", lambda m: m.plot_optimization_history(study, target_name=names[0])))
     if len(complete) >= 2 and len({tuple(sorted(t.params.items())) for t in complete}) > 1:
-        plots.append(("param_importances.png", lambda: oplt.plot_param_importances(study)))
-    for filename, plot in plots:
+        plots.append(("param_importances", lambda m: m.plot_param_importances(study)))
+    for name, plot in plots:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 warnings.simplefilter("ignore", UserWarning)  # importance caveats of tiny studies
-                axes = plot()
+                axes = plot(oplt)
+                plot(vis).write_html(out_dir / f"{name}.html", include_plotlyjs=True)
         except Exception as exc:  # optuna refuses plots of too few or too uniform trials
-            progress(f"skipped {filename}: {type(exc).__name__}: {exc}")
+            progress(f"skipped {name} plot: {type(exc).__name__}: {exc}")
             continue
         figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
-        figure.savefig(out_dir / filename, dpi=110, bbox_inches="tight")
+        figure.savefig(out_dir / f"{name}.png", dpi=110, bbox_inches="tight")
         plt.close(figure)
     return sorted(out_dir.iterdir())
+
+
+def earlier_twin(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial | None:
+    """A finished earlier trial of ``study`` with the same parameters (its result stands for this one)."""
+    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if other.number < trial.number and other.params == trial.params:
+            return other
+    return None
+
+
+@dataclasses.dataclass
+class Objective:
+    """One trial: sample, quantize (cached), screen accuracy on a first slice, measure fully, log, score.
+
+    Screening prunes (``optuna.TrialPruned``) a trial whose first ``screen_windows`` windows already fail a gate by more
+    than ``prune_margin`` (relative), before the timed runs and the model logging. A trial whose parameters an earlier
+    finished trial already had reuses that result instead of measuring the same artifact again.
+    """
+
+    source: SourceModel
+    backends: Sequence[str]
+    target: str
+    study_name: str
+    goals: Sequence[tuple[str, str]]
+    gates: Gates
+    evaluator: Evaluator
+    calibration: TextSlice
+    screen_windows: int = 0
+    prune_margin: float = 0.02
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
+        backend, precision, options = suggest(trial, self.backends)
+        for key, value in (("backend", backend), ("precision", precision), ("options", options)):
+            trial.set_user_attr(key, value)
+        twin = earlier_twin(trial.study, trial)
+        if twin is not None:
+            return self._reuse(trial, twin)
+        tags = {**run_tags(self.target, self.study_name, "candidate", [backend]),
+                "mlflow_edge.trial": str(trial.number), "optuna.study": self.study_name}
+        try:
+            with tracked_run(f"trial-{trial.number}-{precision}", nested=True, tags=tags) as run:
+                trial.set_user_attr("run_id", run.info.run_id)
+                base = convert(self.source, backend, base_precision(backend))
+                artifact = quantize(self.source, base, precision, options, self.calibration)
+                self._screen(trial, artifact)
+                metrics = evaluate_candidate(self.evaluator, artifact, self.gates, self.target,
+                                             self.study_name)["metrics"]
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, EdgeError) else f"{type(exc).__name__}: {exc}"
+            trial.set_user_attr("error", (reason.splitlines() or [""])[0][:1000])
+            progress(f"trial {trial.number} ({backend} {precision}) failed: {reason}")
+            raise
+        trial.set_user_attr("metrics", {k: float(v) for k, v in metrics.items()})
+        self._constrain(trial, metrics)
+        return tuple(float(metrics.get(m, math.nan)) for m, _ in self.goals)
+
+    def screenable(self) -> bool:
+        """Whether some gate group can be decided from accuracy and size alone."""
+        return self.screen_windows > 0 and any(
+            all(g.metric in ACCURACY_SIZE_METRICS for g in group.gates) for group in self.gates.groups)
+
+    def _screen(self, trial: optuna.Trial, artifact) -> None:
+        if not self.screenable():
+            return
+        early = self.evaluator.screen(artifact, self.screen_windows)
+        failed = self.gates.certain_failures(early, self.prune_margin)
+        if not failed:
+            return
+        windows = min(self.screen_windows, self.evaluator.settings.windows)
+        reason = (f"pruned after {windows} of {self.evaluator.settings.windows} windows: "
+                  + "; ".join(f"{g.group} fails ({', '.join(f'{r.gate.metric}={r.value:.4g}' for r in g.results)})"
+                              for g in failed))
+        mlflow.log_metrics({f"screen.{k}": v for k, v in early.items()})
+        trial.set_user_attr("screen", {k: float(v) for k, v in early.items()})
+        self._constrain(trial, early)
+        progress(f"trial {trial.number} ({artifact.precision}) {reason}")
+        raise optuna.TrialPruned(reason)
+
+    def _constrain(self, trial: optuna.Trial, metrics: dict[str, float]) -> None:
+        violations = self.gates.violations(metrics)
+        trial.set_user_attr("constraints", violations)
+        for key, value in violations.items():
+            trial.set_constraint(key, value)
+
+    def _reuse(self, trial: optuna.Trial, twin: FrozenTrial) -> tuple[float, ...]:
+        trial.set_user_attr("twin_of", twin.number)
+        for key in ("run_id", "metrics", "screen"):
+            if key in twin.user_attrs:
+                trial.set_user_attr(key, twin.user_attrs[key])
+        for key, value in twin.constraints.items():
+            trial.set_constraint(key, value)
+        trial.set_user_attr("constraints", dict(twin.constraints))
+        if twin.state == TrialState.PRUNED:
+            raise optuna.TrialPruned(f"same parameters as pruned trial {twin.number}")
+        progress(f"trial {trial.number} has the parameters of trial {twin.number}: its result is reused")
+        return tuple(twin.values)
 
 
 def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float | None = None,
                objectives: str = "multi", gates: str | Sequence[str] | Gates | None = None,
                policy: str = "min:size_mb", seed: int = 0, storage: str | None = None, study_name: str | None = None,
                registered_model: str | None = None, settings: EvalSettings | None = None,
-               calibration_path: str | None = None, experiment: str | None = None) -> dict[str, Any]:
+               calibration_path: str | None = None, experiment: str | None = None, accuracy_only: bool = False,
+               screen_windows: int | None = None, prune_margin: float = 0.02,
+               run_name: str = "search") -> dict[str, Any]:
     """Search the target's installed backends with Optuna for ``trials`` trials (or ``timeout`` seconds), log every
     trial as a nested MLflow run, the Pareto front on the parent, and promote the best feasible one by ``policy``.
 
-    Returns ``{"study", "storage", "run_id", "trials", "new_trials", "pareto", "promotion"}``.
+    ``accuracy_only`` is the explicit mode for a target whose hardware this machine lacks: nothing is timed, the
+    objectives, gates and policy use accuracy and size alone (gates on other metrics are dropped and listed).
+    ``screen_windows`` (default: a quarter of the evaluation windows; 0 disables) is the cheap first slice that can
+    prune a trial before its timed runs. Returns ``{"study", "storage", "run_id", "trials", "new_trials", "pareto",
+    "promotion"}``.
     """
-    get_target(target)
+    target_spec = get_target(target)
     if (trials is None or trials < 1) and timeout is None:
         raise EdgeError(f"a budget of 0: give trials >= 1 or a timeout (got trials={trials})")
+    if timeout is not None and timeout <= 0:
+        raise EdgeError(f"a budget of 0: the timeout must be positive (got {timeout})")
+    if not accuracy_only and not is_measurable(target_spec):
+        raise EdgeError(f"target '{target}' needs {target_spec.requires}, which this machine lacks, so latency cannot "
+                        "be measured here; rerun with --accuracy-only true to search by accuracy and size alone")
     gate_spec = parse_gates(gates)
-    registry.parse_policy(policy)
-    goals = parse_objectives(objectives)
+    dropped: list[str] = []
+    if accuracy_only:
+        gate_spec, dropped = gate_spec.restricted_to(ACCURACY_SIZE_METRICS)
+        if gate_spec is None:
+            raise EdgeError(f"no gate can be checked in the accuracy/size-only mode (dropped {', '.join(dropped)}); "
+                            "give an accuracy or size gate such as accuracy_retention>=0.95")
+    promotion_policy = registry.parse_policy(policy)
+    if accuracy_only and not set(promotion_policy.metrics) <= set(ACCURACY_SIZE_METRICS):
+        raise EdgeError(f"policy '{policy}' needs metrics the accuracy/size-only mode does not measure")
+    goals = parse_objectives(objectives, accuracy_only)
     backends = backends_for(target)
     if not backends:
         raise EdgeError(f"no installed backend for target '{target}' (it recommends "
-                        f"{', '.join(get_target(target).primary + get_target(target).secondary)})")
+                        f"{', '.join(target_spec.primary + target_spec.secondary)})")
     settings = settings or EvalSettings()
+    if accuracy_only:
+        settings = dataclasses.replace(settings, speed=False)
+    if screen_windows is None:
+        screen_windows = settings.windows // 4
+    if screen_windows < 0 or prune_margin < 0:
+        raise EdgeError("screen_windows and prune_margin must not be negative")
     calibration = calibration_text(calibration_path)
     check_disjoint(settings.text, calibration)
     storage_url = storage or default_storage()
 
-    with tracked_run("search", experiment, tags=run_tags(target, "search", "study", backends)) as parent:
+    with tracked_run(run_name, experiment, tags=run_tags(target, "search", "study", backends)) as parent:
         source = resolve_source(model)
         name = study_name or f"{source.name}-{target}"
-        mlflow.set_tags({"mlflow_edge.study": name, "optuna.study": name, "optuna.storage": storage_url})
+        mlflow.set_tags({"mlflow_edge.study": name, "optuna.study": name, "optuna.storage": storage_url,
+                         "mlflow_edge.measured": "accuracy,size" if accuracy_only else "all"})
+        if dropped:
+            mlflow.set_tag("gates.dropped", ",".join(dropped))
+            progress(f"accuracy/size-only mode: gates {', '.join(dropped)} cannot be checked here and are dropped")
         log_new_params({"model": model, "source": source.name, "source.sha256": source.sha256, "target": target,
                         "backends": ",".join(backends), "trials": trials, "timeout": timeout,
                         "objectives": ",".join(f"{d[:3]}:{m}" for m, d in goals), "gates": str(gate_spec),
-                        "policy": policy, "seed": seed, "study": name, **settings.params()})
-        try:
-            study = optuna.create_study(
-                storage=storage_url, study_name=name, load_if_exists=True, directions=[d for _, d in goals],
-                sampler=optuna.samplers.TPESampler(seed=seed, constraints_func=constraints),  # reseeded below
-            )
-        except ValueError as exc:
-            raise EdgeError(f"cannot open Optuna study '{name}' in {storage_url}: {exc}".splitlines()[0]) from None
-        if [d.name.lower() for d in study.directions] != [d for _, d in goals]:
-            raise EdgeError(f"Optuna study '{name}' has other objectives than '{objectives}'; use another study name")
+                        "policy": policy, "seed": seed, "study": name, "accuracy_only": accuracy_only,
+                        "screen_windows": screen_windows, "prune_margin": prune_margin, **settings.params()})
+        for backend in backends:  # convert once per (source, backend); every trial reuses it from the cache
+            base = convert(source, backend, base_precision(backend))
+            progress(f"base {backend} {base.precision}: {base.size_bytes / 1e6:.1f} MB")
+        study = open_study(storage_url, name, goals, objectives)
         stale = fail_stale_trials(study)
         _fail_stale_runs(parent.info.experiment_id, name, parent.info.run_id)
         if stale:
             progress(f"marked trial(s) {', '.join(map(str, stale))} FAIL: left RUNNING by a stopped search")
         before = len(study.trials)
         # A resumed study draws on from where it stopped instead of replaying the first call's random start-up trials.
-        study.sampler = optuna.samplers.TPESampler(seed=seed + before, constraints_func=constraints)
+        study.sampler = optuna.samplers.TPESampler(seed=seed + before)
         done = sum(t.state in DONE_STATES and t.number not in stale for t in study.get_trials(deepcopy=False))
         remaining = max(trials - done, 0) if trials and trials >= 1 else None
         progress(f"study {name}: {done} trial(s) done, {remaining if remaining is not None else 'unbounded'} to run "
@@ -235,29 +343,8 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
         evaluator = Evaluator(source, settings)
         try:
             evaluate_reference(evaluator, target, name)
-
-            def objective(trial: optuna.Trial) -> tuple[float, ...]:
-                backend, precision, options = suggest(trial, backends)
-                trial.set_user_attr("backend", backend)
-                trial.set_user_attr("precision", precision)
-                trial.set_user_attr("options", options)
-                tags = {**run_tags(target, name, "candidate", [backend]), "mlflow_edge.trial": str(trial.number),
-                        "optuna.study": name}
-                try:
-                    with tracked_run(f"trial-{trial.number}-{precision}", nested=True, tags=tags) as run:
-                        trial.set_user_attr("run_id", run.info.run_id)
-                        base = convert(source, backend, base_precision(backend))
-                        artifact = quantize(source, base, precision, options, calibration)
-                        metrics = evaluate_candidate(evaluator, artifact, gate_spec, target, name)["metrics"]
-                except Exception as exc:
-                    reason = str(exc) if isinstance(exc, EdgeError) else f"{type(exc).__name__}: {exc}"
-                    trial.set_user_attr("error", (reason.splitlines() or [""])[0][:1000])
-                    progress(f"trial {trial.number} ({backend} {precision}) failed: {reason}")
-                    raise
-                trial.set_user_attr("metrics", {k: float(v) for k, v in metrics.items()})
-                trial.set_user_attr("constraints", gate_violations(gate_spec, metrics))
-                return tuple(float(metrics.get(m, math.nan)) for m, _ in goals)
-
+            objective = Objective(source, backends, target, name, goals, gate_spec, evaluator, calibration,
+                                  screen_windows, prune_margin)
             if remaining != 0:
                 study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(Exception,),
                                show_progress_bar=True)
@@ -268,8 +355,27 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
             write_search_report(study, goals, Path(tmp))
             mlflow.log_artifacts(tmp, artifact_path="search")
         table = pareto_table(study, goals)
-        progress(f"Pareto front: {len(table)} feasible trial(s) of {len(study.trials)}")
-        promotion = promote_study(parent, name, source, target, gate_spec, policy, registered_model)
+        counts = {state.name.lower(): len(study.get_trials(deepcopy=False, states=(state,))) for state in DONE_STATES}
+        mlflow.log_metrics({f"trials_{k}": v for k, v in counts.items()})
+        progress(f"Pareto front: {len(table)} feasible trial(s) of {len(study.trials)} "
+                 f"({', '.join(f'{v} {k}' for k, v in counts.items())})")
+        promotion = promote_study(parent, name, source, target, gate_spec, promotion_policy, registered_model)
         return {"study": name, "storage": storage_url, "run_id": parent.info.run_id, "trials": len(study.trials),
                 "new_trials": len(study.trials) - before, "pareto": table.to_dict("records"),
                 "promotion": promotion.describe()}
+
+
+def open_study(storage_url: str, name: str, goals: Sequence[tuple[str, str]], objectives: str) -> optuna.Study:
+    """Create the study ``name`` in ``storage_url``, or load it when it exists with the same objectives."""
+    try:
+        study = optuna.create_study(storage=storage_url, study_name=name, load_if_exists=True,
+                                    directions=[d for _, d in goals])
+    except ValueError as exc:
+        raise EdgeError(f"cannot open Optuna study '{name}' in {storage_url}: {exc}".splitlines()[0]) from None
+    if [d.name.lower() for d in study.directions] != [d for _, d in goals] or (
+            study.metric_names not in (None, [m for m, _ in goals])):
+        raise EdgeError(f"Optuna study '{name}' has other objectives than '{objectives}'; use another study name")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([m for m, _ in goals])
+    return study
