@@ -37,7 +37,8 @@ def test_unknown_backend_is_one_line():
 def test_targets_lists_the_matrix_and_what_is_measurable_here():
     result = CliRunner().invoke(main, ["targets"])
     assert result.exit_code == 0
-    lines = {line.split()[0]: line.split() for line in result.stdout.strip().splitlines()[1:]}
+    rows = [line for line in result.stdout.strip().splitlines()[1:] if not line.startswith("not yet available")]
+    lines = {line.split()[0]: line.split() for line in rows}
     assert set(lines) == {"intel-cpu", "intel-gpu", "intel-npu", "nvidia-gpu", "apple-silicon", "arm-cpu",
                           "arm-mobile", "cpu"}
     assert lines["cpu"][1] == "True"
@@ -50,3 +51,10 @@ def test_targets_for_one_target():
     assert "llamacpp > openvino" in result.stdout
     bad = CliRunner().invoke(main, ["targets", "--target", "mars"])
     assert bad.exit_code == 1 and "unknown target 'mars'" in bad.stderr
+
+
+def test_targets_for_a_model_lists_the_backends_that_convert_it(tiny_source):
+    result = CliRunner().invoke(main, ["targets", "--target", "cpu", "--model", str(tiny_source.path)])
+    assert result.exit_code == 0, result.output
+    header, row = result.stdout.splitlines()[:2]
+    assert f"for {tiny_source.name}" in header and "llamacpp" in row

@@ -257,31 +257,39 @@ def sweep(model: str, backend: str, types: str | None, base_precision: str, opti
 
 @main.command()
 @click.option("--target", default=None, help="show the recommended backends for this target only")
+@click.option("--model", default=None, help="also say which installed backends can convert this source model")
 @_one_line_errors
-def targets(target: str | None) -> None:
+def targets(target: str | None, model: str | None) -> None:
     """List hardware targets, whether this machine can measure them, and the backends to use."""
     import pandas as pd
 
-    from mlflow_edge.backends import BACKENDS, get_backend
+    from mlflow_edge.backends import BACKENDS
+    from mlflow_edge.search.space import backends_for, backends_for_model
     from mlflow_edge.targets import TARGETS, get_target, is_measurable, recommended_backends
 
-    def installed(name: str) -> bool:
-        try:
-            get_backend(name).versions()
-        except (EdgeError, ImportError):
-            return False
-        return True
-
     chosen = [get_target(target)] if target else list(TARGETS.values())
-    rows = [{
-        "target": t.name,
-        "measurable_here": is_measurable(t),
-        "backends": " > ".join(recommended_backends(t)),
-        "installed": ", ".join(b for b in recommended_backends(t) if b in BACKENDS and installed(b)) or "-",
-        "needs": t.requires,
-        "notes": t.notes,
-    } for t in chosen]
+    source = None
+    if model:
+        from mlflow_edge.sources import resolve_source
+
+        source = resolve_source(model)
+    rows = []
+    for t in chosen:
+        installed = backends_for(t.name)
+        row = {
+            "target": t.name,
+            "measurable_here": is_measurable(t),
+            "backends": " > ".join(recommended_backends(t)),
+            "installed": ", ".join(installed) or "-",
+        }
+        if source is not None:
+            row[f"for {source.name}"] = ", ".join(backends_for_model(installed, source)[0]) or "-"
+        row.update(needs=t.requires, notes=t.notes)
+        rows.append(row)
     click.echo(pd.DataFrame(rows).to_string(index=False))
+    unregistered = sorted({b for t in chosen for b in recommended_backends(t)} - set(BACKENDS))
+    if unregistered:
+        click.echo(f"not yet available in mlflow-edge: {', '.join(unregistered)}")
 
 
 @main.command("quant-types")

@@ -122,6 +122,9 @@ def _cached_artifact(kind: str, key: Mapping[str, Any], build: Callable[[Path], 
 def convert(source: SourceModel, backend: str, precision: str) -> Artifact:
     """``source`` in ``backend``'s format at ``precision`` (cached by source hash, precision and framework version)."""
     impl = get_backend(backend)
+    reason = impl.unsupported_reason(source)
+    if reason:
+        raise EdgeError(f"unsupported architecture: {reason}")
     key = {"source": source.sha256, "backend": backend, "precision": precision.lower(), "versions": impl.versions()}
     return _cached_artifact(f"convert-{backend}", key, lambda tmp: impl.convert(source, tmp, precision))
 

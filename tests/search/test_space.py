@@ -39,3 +39,17 @@ def test_unknown_target_is_one_line_error():
     with pytest.raises(EdgeError) as info:
         backends_for("mars")
     assert "unknown target 'mars'" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_backends_that_cannot_convert_the_architecture_are_left_out(tiny_source):
+    import dataclasses
+
+    from mlflow_edge import workflow
+    from mlflow_edge.search.space import backends_for_model
+
+    assert backends_for_model(("llamacpp",), tiny_source) == (("llamacpp",), {})
+    alien = dataclasses.replace(tiny_source, architecture="MadeUpForCausalLM")
+    kept, reasons = backends_for_model(("llamacpp",), alien)
+    assert kept == () and "cannot convert MadeUpForCausalLM" in reasons["llamacpp"]
+    with pytest.raises(EdgeError, match="^unsupported architecture: .*MadeUpForCausalLM$"):
+        workflow.convert(alien, "llamacpp", "f16")

@@ -146,6 +146,10 @@ class Backend(Protocol):
         """Framework versions, logged as ``version.<framework>`` tags."""
         ...
 
+    def unsupported_reason(self, source: "SourceModel") -> str | None:
+        """``None`` when this framework can convert ``source``'s architecture, else a one-line reason."""
+        ...
+
     def search_space(self, trial: Any) -> tuple[str, dict[str, Any]]:
         """Sample a precision and quantization options from an Optuna ``trial``.
 

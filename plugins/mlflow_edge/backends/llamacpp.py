@@ -92,6 +92,13 @@ class LlamaCppBackend:
     def versions(self) -> Mapping[str, str]:
         return {"llama_cpp_python": require_llama_cpp().__version__}
 
+    def unsupported_reason(self, source: Any) -> str | None:
+        known = supported_architectures()
+        if source.architecture in known:
+            return None
+        return (f"llama.cpp's convert_hf_to_gguf.py ({len(known)} architectures) cannot convert "
+                f"{source.architecture}")
+
     def search_space(self, trial: Any) -> tuple[str, dict[str, Any]]:
         precision = trial.suggest_categorical("llamacpp.precision", [
             "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_1", "Q5_K_S",
@@ -300,6 +307,18 @@ def converter_dir() -> Path:
     """``vendor/llama.cpp`` scripts (converter, ``conversion/``, ``gguf-py``) of the installed llama-cpp-python sdist."""
     version = require_llama_cpp().__version__
     return cache.get_or_build("llama.cpp-scripts", {"llama_cpp_python": version}, lambda tmp: _extract_scripts(version, tmp))
+
+
+def supported_architectures() -> frozenset[str]:
+    """HF architectures ``convert_hf_to_gguf.py`` registers (``@ModelBase.register("LlamaForCausalLM", …)``)."""
+    import re
+
+    folder = converter_dir()
+    names: set[str] = set()
+    for script in [folder / "convert_hf_to_gguf.py", *sorted((folder / "conversion").rglob("*.py"))]:
+        for args in re.findall(r"ModelBase\.register\(([^)]*)\)", script.read_text(encoding="utf-8"), re.DOTALL):
+            names.update(re.findall(r"[\"']([A-Za-z0-9_]+)[\"']", args))
+    return frozenset(names)
 
 
 def _extract_scripts(version: str, out_dir: Path) -> None:

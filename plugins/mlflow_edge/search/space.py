@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import optuna
 
 from mlflow_edge.backends import BACKENDS, get_backend
+from mlflow_edge.sources import SourceModel
 from mlflow_edge.targets import recommended_backends
 
 
@@ -33,6 +34,12 @@ def backends_for(target: str) -> tuple[str, ...]:
             continue
         installed.append(name)
     return tuple(installed)
+
+
+def backends_for_model(backends: Sequence[str], source: SourceModel) -> tuple[tuple[str, ...], dict[str, str]]:
+    """Those of ``backends`` that can convert ``source``, and the reasons of those that cannot."""
+    reasons = {name: get_backend(name).unsupported_reason(source) for name in backends}
+    return tuple(n for n in backends if not reasons[n]), {n: r for n, r in reasons.items() if r}
 
 
 def suggest(trial: optuna.Trial, backends: Sequence[str]) -> tuple[str, str, dict[str, Any]]:

@@ -38,7 +38,7 @@ from mlflow_edge.backends.base import EdgeError
 from mlflow_edge.evaluation.data import TextSlice, calibration_text, check_disjoint
 from mlflow_edge.evaluation.harness import EvalSettings, Evaluator
 from mlflow_edge.gates import ACCURACY_SIZE_METRICS, METRICS, Gates, parse_gates
-from mlflow_edge.search.space import backends_for, suggest
+from mlflow_edge.search.space import backends_for, backends_for_model, suggest
 from mlflow_edge.sources import SourceModel, resolve_source
 from mlflow_edge.targets import get_target, is_measurable
 from mlflow_edge.workflow import (
@@ -313,6 +313,12 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
 
     with tracked_run(run_name, experiment, tags=run_tags(target, "search", "study", backends)) as parent:
         source = resolve_source(model)
+        backends, unsupported = backends_for_model(backends, source)
+        for backend, reason in unsupported.items():
+            progress(f"leaving out {backend}: {reason}")
+        if not backends:
+            raise EdgeError(f"no backend for target '{target}' can convert {source.name}: "
+                            + "; ".join(unsupported.values()))
         name = study_name or f"{source.name}-{target}"
         mlflow.set_tags({"mlflow_edge.study": name, "optuna.study": name, "optuna.storage": storage_url,
                          "mlflow_edge.measured": "accuracy,size" if accuracy_only else "all"})
