@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# Set up everything mlflow-edge needs in ./.venv: PyTorch (CPU), the package with its [llamacpp,test] extras,
+# Set up everything mlflow-edge needs in ./.venv: PyTorch, the package with its [llamacpp,openvino,test] extras,
 # and llama-cpp-python built from source once per CPU (the wheel is cached under ~/.cache/mlflow-edge/wheels).
 # Re-running is cheap: nothing is reinstalled while setup.cfg and this script are unchanged.
-# Usage: scripts/setup.sh [extras]   (default extras: llamacpp,test)
+# Usage: scripts/setup.sh [extras]   (default extras: llamacpp,openvino,test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-EXTRAS="${1:-llamacpp,test}"
+EXTRAS="${1:-llamacpp,openvino,test}"
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 CACHE="${MLFLOW_EDGE_CACHE:-$HOME/.cache/mlflow-edge}"
 LLAMA_CPP_PYTHON="llama-cpp-python==0.3.36"
-TORCH="torch==2.13.0"   # the CPU build (a plain 'torch' would pull a multi-GB CUDA build)
+if [[ ",$EXTRAS," == *",openvino,"* || ",$EXTRAS," == *",all,"* ]]; then
+  # optimum-intel needs torchvision, which imports only beside this pair (both lie on this machine's disk)
+  TORCH=(torch==2.14.1 torchvision==0.29.1)
+else
+  TORCH=(torch==2.13.0)   # the CPU build (a plain 'torch' would pull a multi-GB CUDA build)
+fi
 
 say() { printf '[setup %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
@@ -28,9 +33,10 @@ fi
 PIP=("$VENV/bin/python" -m pip)
 "${PIP[@]}" install --quiet --upgrade pip setuptools wheel
 
-if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-  say "installing $TORCH (CPU)"
-  "${PIP[@]}" install --quiet "$TORCH"
+torch_version="${TORCH[0]#torch==}"
+if [ "$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null)" != "$torch_version" ]; then
+  say "installing ${TORCH[*]}"
+  "${PIP[@]}" install --quiet "${TORCH[@]}"
 fi
 
 find_links=()

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import mlflow
 import optuna
@@ -28,6 +28,9 @@ from mlflow_edge.evaluation.harness import REFERENCE, EvalSettings, Evaluator
 from mlflow_edge.gates import Gates, parse_gates
 from mlflow_edge.sources import SourceModel, resolve_source
 from mlflow_edge.targets import framework_versions, get_target, hardware_fingerprint
+
+if TYPE_CHECKING:
+    from mlflow_edge.registry import Policy
 
 DEFAULT_EXPERIMENT = "mlflow-edge"
 DEFAULT_SWEEP = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_1", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
@@ -125,7 +128,8 @@ def convert(source: SourceModel, backend: str, precision: str) -> Artifact:
     reason = impl.unsupported_reason(source)
     if reason:
         raise EdgeError(f"unsupported architecture: {reason}")
-    key = {"source": source.sha256, "backend": backend, "precision": precision.lower(), "versions": impl.versions()}
+    key = {"source": source.sha256, "backend": backend, "format": impl.format, "precision": precision.lower(),
+           "versions": impl.versions()}
     return _cached_artifact(f"convert-{backend}", key, lambda tmp: impl.convert(source, tmp, precision))
 
 
@@ -140,7 +144,8 @@ def quantize(source: SourceModel, base: Artifact, precision: str, options: Mappi
     """``base`` quantized to ``precision`` with ``options`` (cached by all of those and the calibration text)."""
     impl = get_backend(base.backend)
     options = dict(options or {})
-    key = {"source": source.sha256, "base": base.precision, "backend": base.backend, "precision": precision.upper(),
+    key = {"source": source.sha256, "base": base.precision, "backend": base.backend, "format": impl.format,
+           "precision": precision.upper(),
            "options": options, "calibration": calibration.sha256 if calibration else None,
            "versions": impl.versions()}
     return _cached_artifact(
@@ -312,7 +317,7 @@ def run_sweep(model: str = "demo", backend: str = "llamacpp", types: Sequence[st
 
 
 def promote_study(parent: mlflow.ActiveRun, study: str, source: SourceModel, target: str, gates: Gates,
-                  policy: "str | registry.Policy", registered_model: str | None):
+                  policy: "str | Policy", registered_model: str | None):
     """Promote the best feasible candidate of ``study`` and record the outcome on the parent run."""
     from mlflow_edge import registry
 

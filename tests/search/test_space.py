@@ -30,9 +30,23 @@ def test_suggest_samples_backend_then_its_own_space():
     assert seen_imatrix == {False, True}
 
 
-def test_backends_for_cpu_is_the_installed_llamacpp():
-    assert backends_for("cpu") == ("llamacpp",)
-    assert backends_for("intel-cpu") == ()  # openvino/olive/onnxruntime are not registered
+def test_backends_for_a_target_are_the_installed_ones_in_its_order():
+    assert backends_for("cpu") == ("llamacpp", "openvino")  # onnxruntime, olive, mlx: not registered yet
+    assert backends_for("intel-cpu") == ("openvino",)
+    assert backends_for("arm-cpu") == ("llamacpp", "openvino")
+
+
+def test_a_search_spans_both_backends_spaces():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(16):
+        trial = study.ask()
+        backend, precision, options = suggest(trial, backends_for("cpu"))
+        seen.add(backend)
+        assert all(name == "backend" or name.startswith(f"{backend}.") for name in trial.params)
+        assert precision in get_backend(backend).quantize_precisions()
+        study.tell(trial, 0.0)
+    assert seen == {"llamacpp", "openvino"}
 
 
 def test_unknown_target_is_one_line_error():

@@ -8,6 +8,7 @@ from mlflow_edge.backends.base import Artifact, Backend, EdgeError, Generation, 
 
 BACKENDS: dict[str, str] = {
     "llamacpp": "mlflow_edge.backends.llamacpp:LlamaCppBackend",
+    "openvino": "mlflow_edge.backends.openvino:OpenVINOBackend",
 }
 
 __all__ = ["Artifact", "Backend", "BACKENDS", "EdgeError", "Generation", "OptionSpec", "Runner", "get_backend"]

@@ -7,6 +7,7 @@ turned back into an artifact for evaluation (:func:`artifact_from_model`).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from pathlib import Path
 from types import ModuleType
@@ -17,19 +18,26 @@ from mlflow.models.model import ModelInfo
 
 from mlflow_edge.backends.base import Artifact, EdgeError
 
-FLAVORS: dict[str, str] = {
-    "gguf": "mlflow_edge.flavors.gguf",
-}
+@dataclasses.dataclass(frozen=True)
+class FlavorEntry:
+    """Where an artifact format's MLflow flavor lives: its module, flavor name, and the flavor-config key naming the
+    model file (or folder; a folder's config lists its model files, those whose bytes count, under ``model_files``)."""
 
-# flavor-config key naming the model file (or folder) inside the logged model directory
-MODEL_FILE_KEYS: dict[str, str] = {
-    "gguf": "gguf_file",
+    module: str
+    name: str
+    model_key: str
+
+
+FLAVORS: dict[str, FlavorEntry] = {
+    "gguf": FlavorEntry("mlflow_edge.flavors.gguf", "gguf", "gguf_file"),
+    "openvino_ir": FlavorEntry("mlflow_edge.flavors.openvino", "openvino", "model_dir"),
 }
+"""Artifact format (the conventions' ``format`` param) → its flavor."""
 
 
 def flavor_module(artifact_format: str) -> ModuleType:
     try:
-        return importlib.import_module(FLAVORS[artifact_format])
+        return importlib.import_module(FLAVORS[artifact_format].module)
     except KeyError:
         raise EdgeError(f"no MLflow flavor for format '{artifact_format}' (known: {', '.join(FLAVORS)})") from None
 
@@ -61,20 +69,21 @@ def artifact_from_model(model_uri: str, dst_path: str | None = None) -> Artifact
         model = Model.load(str(local))
     except Exception as exc:
         raise EdgeError(f"cannot load model {model_uri}: {str(exc).splitlines()[0]}") from exc
-    for flavor, key in MODEL_FILE_KEYS.items():
-        conf = model.flavors.get(flavor)
+    for artifact_format, entry in FLAVORS.items():
+        conf = model.flavors.get(entry.name)
         if conf is None:
             continue
-        file = local / conf[key]
+        path = local / conf[entry.model_key]
         return Artifact(
-            path=file,
-            backend=conf.get("backend", "llamacpp"),
-            format=flavor,
+            path=path,
+            backend=conf.get("backend", "llamacpp" if entry.name == "gguf" else entry.name),
+            format=artifact_format,
             precision=str(conf.get("precision", "unknown")),
             source_name=str(conf.get("source_name", "unknown")),
             source_sha256=str(conf.get("source_sha256", "")),
             num_parameters=int(conf.get("num_parameters", 0)),
             options=dict(conf.get("options") or {}),
-            files=(file,),
+            files=tuple(path / name for name in conf["model_files"]) if conf.get("model_files") else (path,),
         )
-    raise EdgeError(f"{model_uri} is not a model of an mlflow-edge flavor ({', '.join(FLAVORS)})")
+    raise EdgeError(f"{model_uri} is not a model of an mlflow-edge flavor "
+                    f"({', '.join(e.name for e in FLAVORS.values())})")

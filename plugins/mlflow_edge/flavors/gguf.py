@@ -26,7 +26,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -36,7 +35,6 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from mlflow import pyfunc
 from mlflow.exceptions import MlflowException
@@ -48,16 +46,11 @@ from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.utils.environment import (
     _CONDA_ENV_FILE_NAME,
-    _CONSTRAINTS_FILE_NAME,
     _PYTHON_ENV_FILE_NAME,
-    _REQUIREMENTS_FILE_NAME,
     _mlflow_conda_env,
-    _process_conda_env,
-    _process_pip_requirements,
-    _PythonEnv,
     _validate_env_arguments,
 )
-from mlflow.utils.file_utils import get_total_file_size, write_to
+from mlflow.utils.file_utils import get_total_file_size
 from mlflow.utils.model_utils import (
     _add_code_from_conf_to_system_path,
     _get_flavor_configuration,
@@ -68,6 +61,7 @@ from mlflow.utils.requirements_utils import _get_pinned_requirement
 
 from mlflow_edge import cache
 from mlflow_edge.backends.llamacpp import require_llama_cpp
+from mlflow_edge.flavors._common import normalize_metadata_config, write_environment
 from mlflow_edge.sources import validate_gguf
 
 if TYPE_CHECKING:
@@ -137,7 +131,7 @@ def save_model(
     ``MlflowException`` when ``path`` exists and is not empty or ``metadata_config`` is not JSON-serializable.
     """
     llama_cpp_version = require_llama_cpp().__version__
-    flavor_extra = _normalize_metadata_config(metadata_config)
+    flavor_extra = normalize_metadata_config(metadata_config, _RESERVED_KEYS)
     if int(n_ctx) <= 0:
         raise MlflowException.invalid_parameter_value(f"n_ctx must be positive, got {n_ctx}")
     _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
@@ -180,35 +174,11 @@ def save_model(
             mlflow_model.model_size_bytes = size
         mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
 
-        if conda_env is None:
-            default_reqs = get_default_pip_requirements() if pip_requirements is None else None
-            conda_env, pip_requirements, pip_constraints = _process_pip_requirements(
-                default_reqs, pip_requirements, extra_pip_requirements
-            )
-        else:
-            conda_env, pip_requirements, pip_constraints = _process_conda_env(conda_env)
-        with open(os.path.join(path, _CONDA_ENV_FILE_NAME), "w") as f:
-            yaml.safe_dump(conda_env, stream=f, default_flow_style=False)
-        if pip_constraints:
-            write_to(os.path.join(path, _CONSTRAINTS_FILE_NAME), "\n".join(pip_constraints))
-        write_to(os.path.join(path, _REQUIREMENTS_FILE_NAME), "\n".join(pip_requirements))
-        _PythonEnv.current().to_yaml(os.path.join(path, _PYTHON_ENV_FILE_NAME))
+        write_environment(path, conda_env, pip_requirements, extra_pip_requirements, get_default_pip_requirements)
     except BaseException:
         if created:  # never leave a half-written model directory behind
             shutil.rmtree(path, ignore_errors=True)
         raise
-
-
-def _normalize_metadata_config(metadata_config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A plain JSON copy of ``metadata_config`` (tuples become lists); refuse reserved or unserializable keys."""
-    if not metadata_config:
-        return {}
-    if clash := sorted(_RESERVED_KEYS.intersection(metadata_config)):
-        raise MlflowException.invalid_parameter_value(f"metadata_config may not set reserved keys: {clash}")
-    try:
-        return json.loads(json.dumps(dict(metadata_config)))
-    except (TypeError, ValueError) as exc:
-        raise MlflowException.invalid_parameter_value(f"metadata_config must be JSON-serializable: {exc}") from exc
 
 
 def log_model(

@@ -1,0 +1,605 @@
+"""OpenVINO + NNCF backend.
+
+- ``convert``: optimum-intel's exporter (``optimum.exporters.openvino.main_export``, what ``optimum-cli export
+  openvino`` runs) writes a stateful ``text-generation-with-past`` IR (``openvino_model.xml``/``.bin``, KV cache kept
+  in the model's state) in ``f32``, ``f16`` or ``bf16`` (OpenVINO element types; optimum's ``fp32``/``fp16`` are
+  accepted too), without weight compression, and the tokenizer beside it (HF files, plus the OpenVINO tokenizer
+  models when ``openvino-tokenizers`` is installed).
+- ``quantize``: NNCF on the IR.
+
+  * weight compression (``nncf.compress_weights``), precision = a :class:`nncf.CompressWeightsMode` name
+    (``INT8_SYM``, ``INT8_ASYM``, ``INT4_SYM``, ``INT4_ASYM``, ``INT3_SYM``, ``INT2_SYM``, ``NF4``, ``CB4``, ``MXFP4``,
+    ``MXFP8_E4M3``, ``FP8_E4M3``, ``FP4``, ``NVFP4``), with NNCF's own options ``ratio``, ``group_size``,
+    ``all_layers``, ``backup_mode``, ``sensitivity_metric``, ``awq``, ``scale_estimation``, ``gptq``,
+    ``lora_correction``, ``subset_size`` and ``group_size_fallback_mode``;
+  * ``INT8_PTQ``: full INT8 post-training quantization of weights and activations (``nncf.quantize``, transformer
+    model type, options ``preset``, ``fast_bias_correction``, ``subset_size``). With ``max_drop`` set it runs
+    ``nncf.quantize_with_accuracy_control`` instead: the metric is ``1 / perplexity`` on held-out calibration
+    windows and the drop is relative by default (``drop_type``), so ``max_drop=0.05`` keeps the quantized IR's
+    ``reference perplexity / perplexity`` at or above 0.95 on that text, the project's ``accuracy_retention`` gate
+    (measured against the IR before quantization); NNCF reverts the most harmful quantizers until it holds.
+
+  Data-aware methods (AWQ, scale estimation, GPTQ, LoRA correction, an activation-based ``sensitivity_metric``,
+  ``INT8_PTQ``) read the calibration text, tokenized with the source tokenizer into ``subset_size`` windows of
+  ``calibration_tokens`` tokens, fed with the inputs of the stateful model (``input_ids``, ``attention_mask``,
+  ``position_ids``, ``beam_idx``).
+- ``load``: an :class:`OpenVINORunner` on the OpenVINO runtime (per-position logits of a fresh sequence, timed greedy
+  generation that reuses the KV state).
+
+Runtime options, read at load time (the environment wins over the artifact's options, which ``quantize`` records when
+given; ``convert`` records none):
+
+``device`` / ``MLFLOW_EDGE_OPENVINO_DEVICE``
+    ``CPU`` (default), ``GPU``, ``NPU``, ``AUTO`` or an indexed device (``GPU.1``); a device that
+    ``openvino.Core().available_devices`` lacks is refused.
+``performance_hint`` / ``MLFLOW_EDGE_OPENVINO_PERFORMANCE_HINT``
+    ``LATENCY`` (default) or ``THROUGHPUT``.
+``inference_precision`` / ``MLFLOW_EDGE_OPENVINO_INFERENCE_PRECISION``
+    ``INFERENCE_PRECISION_HINT`` (``f32``, ``f16``, ``bf16``); default: the device's own (``bf16`` on CPUs with
+    native bf16, else ``f32``).
+
+``threads`` sets ``INFERENCE_NUM_THREADS`` on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+
+from mlflow_edge.backends.base import Artifact, EdgeError, Generation, OptionSpec
+
+MODEL_XML = "openvino_model.xml"
+MODEL_BIN = "openvino_model.bin"
+CONVERT_PRECISIONS = ("f32", "f16", "bf16")
+_CONVERT_ALIASES = {"fp32": "f32", "fp16": "f16"}
+_OPTIMUM_DTYPE = {"f32": "fp32", "f16": "fp16", "bf16": "bf16"}
+_FLOAT_PRECISIONS = frozenset(CONVERT_PRECISIONS)
+EXPORT_TASK = "text-generation-with-past"
+
+PTQ_PRECISION = "INT8_PTQ"
+# CODEBOOK and ADAPTIVE_CODEBOOK need a user codebook (advanced parameters): not offered
+_UNOFFERED_MODES = frozenset({"CODEBOOK", "ADAPTIVE_CODEBOOK"})
+FOUR_BIT_MODES = ("INT4_SYM", "INT4_ASYM", "NF4")
+DEVICES = ("CPU", "GPU", "NPU", "AUTO")
+PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
+RUNTIME_OPTIONS = ("device", "performance_hint", "inference_precision")
+ENV_PREFIX = "MLFLOW_EDGE_OPENVINO_"
+# files of the artifact folder that are not the model but travel with it (tokenizer, configs)
+_COMPANION_PATTERNS = ("*.json", "*.jinja", "*.txt", "*.model", "openvino_tokenizer.*", "openvino_detokenizer.*")
+# the cache's own records, and optimum's quantization config (stale once NNCF has run)
+_NOT_COMPANIONS = frozenset({"artifact.json", "key.json", "openvino_config.json"})
+
+_WEIGHT_OPTIONS = ("ratio", "group_size", "all_layers", "backup_mode", "sensitivity_metric", "awq", "scale_estimation",
+                   "gptq", "lora_correction")
+_DATA_AWARE = ("awq", "scale_estimation", "gptq", "lora_correction")
+_PTQ_OPTIONS = ("preset", "fast_bias_correction", "max_drop", "drop_type")
+
+
+def require_openvino():
+    """The ``openvino`` module, or a one-line error naming the extra to install."""
+    try:
+        import openvino
+    except ImportError as exc:
+        raise EdgeError("openvino is not installed: pip install 'mlflow-edge[openvino]'") from exc
+    return openvino
+
+
+def require_nncf():
+    try:
+        import nncf
+    except ImportError as exc:
+        raise EdgeError("nncf is not installed: pip install 'mlflow-edge[openvino]'") from exc
+    return nncf
+
+
+def compress_modes() -> tuple[str, ...]:
+    """The :class:`nncf.CompressWeightsMode` names this backend offers."""
+    return tuple(m.name for m in require_nncf().CompressWeightsMode if m.name not in _UNOFFERED_MODES)
+
+
+def model_xml(path: Path) -> Path:
+    """The IR file of an artifact path (its folder, or the ``.xml`` itself)."""
+    path = Path(path)
+    return path / MODEL_XML if path.is_dir() else path
+
+
+def companion_files(folder: Path) -> list[Path]:
+    """Tokenizer and config files beside the IR in ``folder`` (everything a runtime needs but the model files)."""
+    found = {p for pattern in _COMPANION_PATTERNS for p in Path(folder).glob(pattern) if p.is_file()}
+    return sorted(p for p in found if p.name not in _NOT_COMPANIONS and p.name not in {MODEL_XML, MODEL_BIN})
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in {"1", "true", "yes", "on"}
+    return bool(value)
+
+
+def _enum_name(enum: Any, option: str, value: Any) -> Any:
+    """``enum[value]`` by member name (case-insensitive) or value, or a one-line error listing the choices."""
+    text = str(getattr(value, "name", value)).strip()
+    for member in enum:
+        if text.upper() == member.name or text.lower() == str(member.value).lower():
+            return member
+    raise EdgeError(f"unknown {option} '{value}' (choose from {', '.join(m.name for m in enum)})")
+
+
+class OpenVINOBackend:
+    """OpenVINO IR artifacts: optimum-intel export, NNCF compression, the OpenVINO runtime."""
+
+    name: ClassVar[str] = "openvino"
+    format: ClassVar[str] = "openvino_ir"
+
+    def convert_precisions(self) -> Sequence[str]:
+        return CONVERT_PRECISIONS
+
+    def quantize_precisions(self) -> Sequence[str]:
+        return (*compress_modes(), PTQ_PRECISION)
+
+    def option_specs(self) -> Sequence[OptionSpec]:
+        return (
+            OptionSpec("ratio", float, None, help="share of layers in the 4-bit mode, the rest in backup_mode (NNCF)"),
+            OptionSpec("group_size", int, None, help="weights sharing one scale; -1 per output channel (NNCF)"),
+            OptionSpec("group_size_fallback_mode", str, None, choices=("ERROR", "IGNORE", "ADJUST"),
+                       help="what NNCF does with layers the group size does not divide"),
+            OptionSpec("all_layers", bool, None, help="embeddings and the last MatMul in the primary mode too (NNCF)"),
+            OptionSpec("backup_mode", str, None, choices=("NONE", "INT8_SYM", "INT8_ASYM", "MXFP8_E4M3", "FP8_E4M3"),
+                       help="precision of the layers left out by ratio (NNCF)"),
+            OptionSpec("sensitivity_metric", str, None, choices=(
+                "WEIGHT_QUANTIZATION_ERROR", "HESSIAN_INPUT_ACTIVATION", "MEAN_ACTIVATION_VARIANCE",
+                "MAX_ACTIVATION_VARIANCE", "MEAN_ACTIVATION_MAGNITUDE"),
+                help="how NNCF ranks layers for ratio; all but WEIGHT_QUANTIZATION_ERROR read calibration text"),
+            OptionSpec("awq", bool, None, help="activation-aware weight quantization (calibration text)"),
+            OptionSpec("scale_estimation", bool, None, help="scales minimizing the layer output error (calibration)"),
+            OptionSpec("gptq", bool, None, help="GPTQ weight correction (calibration text)"),
+            OptionSpec("lora_correction", bool, None, help="low-rank correction of the error (calibration)"),
+            OptionSpec("subset_size", int, None, help="calibration samples NNCF reads (default: 128 / 300 for PTQ)"),
+            OptionSpec("calibration_tokens", int, 128, help="tokens per calibration sample"),
+            OptionSpec("preset", str, None, choices=("PERFORMANCE", "MIXED"), help="INT8_PTQ: symmetric or mixed"),
+            OptionSpec("fast_bias_correction", bool, None, help="INT8_PTQ: NNCF's fast bias correction"),
+            OptionSpec("max_drop", float, None,
+                       help="INT8_PTQ with accuracy control: largest drop of 1/perplexity on held-out calibration "
+                            "text (relative by default: 0.05 keeps accuracy_retention >= 0.95)"),
+            OptionSpec("drop_type", str, None, choices=("RELATIVE", "ABSOLUTE"), help="how max_drop is measured"),
+            OptionSpec("device", str, None, help="runtime: CPU, GPU, NPU or AUTO (also NNCF's target device)"),
+            OptionSpec("performance_hint", str, None, choices=PERFORMANCE_HINTS, help="runtime: PERFORMANCE_HINT"),
+            OptionSpec("inference_precision", str, None, choices=("f32", "f16", "bf16"),
+                       help="runtime: INFERENCE_PRECISION_HINT (default: the device's own)"),
+        )
+
+    def versions(self) -> Mapping[str, str]:
+        from importlib.metadata import PackageNotFoundError, version
+
+        require_openvino()
+        require_nncf()
+        try:
+            return {"openvino": version("openvino"), "nncf": version("nncf"), "optimum_intel": version("optimum-intel")}
+        except PackageNotFoundError as exc:
+            raise EdgeError(f"{exc.name} is not installed: pip install 'mlflow-edge[openvino]'") from exc
+
+    def unsupported_reason(self, source: Any) -> str | None:
+        return exportable_reason(source)
+
+    def search_space(self, trial: Any) -> tuple[str, dict[str, Any]]:
+        mode = trial.suggest_categorical("openvino.mode", ["INT8_SYM", "INT8_ASYM", *FOUR_BIT_MODES])
+        options: dict[str, Any] = {}
+        if mode in FOUR_BIT_MODES:
+            # 32 and 64 divide every layer of SmolLM2 (576 wide) and of the tiny test model (256)
+            options["group_size"] = trial.suggest_categorical("openvino.group_size", [32, 64])
+            options["ratio"] = trial.suggest_categorical("openvino.ratio", [0.8, 1.0])
+            options["awq"] = trial.suggest_categorical("openvino.awq", [False, True])
+            options["scale_estimation"] = trial.suggest_categorical("openvino.scale_estimation", [False, True])
+            if options["awq"] or options["scale_estimation"]:
+                options["subset_size"] = 32
+        return mode, options
+
+    # -- convert -------------------------------------------------------------------------------------------------
+    def convert(self, source: Any, out_dir: Path, precision: str) -> Artifact:
+        precision = _CONVERT_ALIASES.get(precision.lower(), precision.lower())
+        if precision not in CONVERT_PRECISIONS:
+            raise EdgeError(f"unknown OpenVINO conversion type '{precision}' "
+                            f"(choose from {', '.join(CONVERT_PRECISIONS)})")
+        if reason := exportable_reason(source):
+            raise EdgeError(f"unsupported architecture: {reason}")
+        import torch
+        from optimum.exporters.openvino import main_export
+        from optimum.intel import OVConfig
+
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        created = not out_dir.exists()
+        staging = out_dir / ".export.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+
+        def fail(message: str) -> EdgeError:  # leave nothing behind
+            shutil.rmtree(out_dir if created else staging, ignore_errors=True)
+            return EdgeError(message)
+
+        try:
+            # an explicit OVConfig: no weight compression here (optimum would int8-compress models over 1B)
+            main_export(str(source.path), output=staging, task=EXPORT_TASK,
+                        ov_config=OVConfig(dtype=_OPTIMUM_DTYPE[precision]), stateful=True,
+                        convert_tokenizer=_has_openvino_tokenizers(), local_files_only=True, trust_remote_code=False,
+                        model_loading_kwargs={"torch_dtype": dtype})
+        except Exception as exc:  # optimum and the converter raise many classes; one line names the cause
+            raise fail(f"optimum-intel cannot export {source.name} to OpenVINO: {_first_line(exc)}") from exc
+        if not (staging / MODEL_XML).is_file():
+            raise fail(f"optimum-intel wrote no {MODEL_XML} for {source.name}")
+        for item in staging.iterdir():
+            item.replace(out_dir / item.name)
+        staging.rmdir()
+        return self._artifact(out_dir, precision, source.name, source.sha256, source.num_parameters,
+                              {"weight_format": _OPTIMUM_DTYPE[precision]})
+
+    def _artifact(self, folder: Path, precision: str, source_name: str, source_sha256: str, num_parameters: int,
+                  options: Mapping[str, Any]) -> Artifact:
+        return Artifact(path=folder, backend=self.name, format=self.format, precision=precision,
+                        source_name=source_name, source_sha256=source_sha256, num_parameters=num_parameters,
+                        options=dict(options), files=(folder / MODEL_XML, folder / MODEL_BIN))
+
+    # -- quantize ------------------------------------------------------------------------------------------------
+    def quantize(
+        self,
+        base: Artifact,
+        out_dir: Path,
+        precision: str,
+        options: Mapping[str, Any] | None = None,
+        calibration: Any = None,
+        source: Any = None,
+    ) -> Artifact:
+        options = {k: v for k, v in dict(options or {}).items() if v is not None}
+        specs = {spec.name: spec for spec in self.option_specs()}
+        unknown = set(options) - set(specs)
+        if unknown:
+            raise EdgeError(f"unknown openvino option(s): {', '.join(sorted(unknown))}")
+        for name, value in options.items():
+            choices = specs[name].choices
+            if choices and str(value).upper() not in {str(c).upper() for c in choices}:
+                raise EdgeError(f"unknown {name} '{value}' (choose from {', '.join(map(str, choices))})")
+        precision = precision.upper()
+        if precision not in self.quantize_precisions():
+            raise EdgeError(f"unknown NNCF precision '{precision}' "
+                            f"(choose from {', '.join(self.quantize_precisions())})")
+        if base.precision.lower() not in _FLOAT_PRECISIONS:
+            raise EdgeError(f"{base.path.name} is already quantized ({base.precision}); "
+                            "quantize an f32/f16/bf16 conversion")
+        if precision == PTQ_PRECISION:
+            if misplaced := sorted(set(options) & set(_WEIGHT_OPTIONS)):
+                raise EdgeError(f"{', '.join(misplaced)} apply to weight compression, not {PTQ_PRECISION}")
+        elif misplaced := sorted(set(options) & set(_PTQ_OPTIONS)):
+            raise EdgeError(f"{', '.join(misplaced)} apply to {PTQ_PRECISION} only, not {precision}")
+        runtime = _runtime_options(options)
+        nncf = require_nncf()
+        ov = require_openvino()
+        model = _read_model(base.path)
+        recorded: dict[str, Any] = {}
+        samples: list[dict[str, np.ndarray]] = []
+        if precision == PTQ_PRECISION or _needs_data(options):
+            if calibration is None:
+                raise EdgeError(f"{precision} with these options reads calibration text; none was given")
+            seq_len = int(options.get("calibration_tokens", 128))
+            if seq_len < 8:
+                raise EdgeError(f"calibration_tokens must be at least 8, got {seq_len}")
+            tokenizer_folder = Path(source.path) if source is not None else model_xml(base.path).parent
+            samples = _calibration_samples(model, _token_ids(calibration, tokenizer_folder), seq_len)
+            recorded.update({"calibration_tokens": seq_len, "calib.dataset": calibration.label,
+                             "calib.sha256": calibration.sha256})
+        try:
+            if precision == PTQ_PRECISION:
+                compressed, method_recorded = _post_training_quantize(nncf, model, options, samples, runtime)
+            else:
+                compressed, method_recorded = _compress_weights(nncf, model, precision, options, samples)
+        except EdgeError:
+            raise
+        except Exception as exc:  # nncf.ValidationError, InvalidGroupSizeError, ParameterNotSupportedError, ...
+            raise EdgeError(f"NNCF cannot quantize {base.source_name} to {precision}: {_first_line(exc)}") from exc
+        recorded.update(method_recorded)
+        recorded.update(runtime)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ov.save_model(compressed, str(out_dir / MODEL_XML), compress_to_fp16=False)  # weights as NNCF left them
+        base_folder = model_xml(base.path).parent
+        for file in companion_files(base_folder):
+            shutil.copyfile(file, out_dir / file.name)
+        return self._artifact(out_dir, precision, base.source_name, base.source_sha256, base.num_parameters,
+                              {**recorded, "base_precision": base.precision})
+
+    # -- load ----------------------------------------------------------------------------------------------------
+    def load(self, artifact: Artifact, threads: int, context_tokens: int) -> "OpenVINORunner":
+        settings = {**{k: v for k, v in artifact.options.items() if k in RUNTIME_OPTIONS}, **runtime_from_env()}
+        return OpenVINORunner(artifact.path, threads=threads, context_tokens=context_tokens, **settings)
+
+
+# -- helpers: export -------------------------------------------------------------------------------------------------
+def exportable_reason(source: Any) -> str | None:
+    """``None`` when optimum-intel exports the source's ``model_type`` as a stateful causal LM, else why not.
+
+    optimum-intel picks its export config by ``model_type`` (not by the architecture class), so that is what counts.
+    """
+    import json
+
+    try:
+        import optimum.exporters.openvino  # noqa: F401  (registers the OpenVINO export configs)
+        from optimum.exporters.tasks import TasksManager
+    except ImportError:
+        return "optimum-intel is not installed: pip install 'mlflow-edge[openvino]'"
+    try:
+        model_type = str(json.loads((Path(source.path) / "config.json").read_text()).get("model_type", ""))
+    except (OSError, ValueError) as exc:
+        return f"cannot read the config of {source.name}: {_first_line(exc)}"
+    supported = TasksManager.get_supported_model_type_for_task(EXPORT_TASK, exporter="openvino")
+    if model_type.replace("_", "-") in supported or model_type in supported:
+        return None
+    return (f"optimum-intel has no OpenVINO {EXPORT_TASK} export for {source.architecture} "
+            f"(model_type '{model_type}', {len(supported)} model types supported)")
+
+
+def _has_openvino_tokenizers() -> bool:
+    try:
+        import openvino_tokenizers  # noqa: F401
+    except Exception:  # not installed, or built for another OpenVINO
+        return False
+    return True
+
+
+# -- helpers: quantize -----------------------------------------------------------------------------------------------
+def _read_model(path: Path) -> Any:
+    ov = require_openvino()
+    xml = model_xml(path)
+    if not xml.is_file():
+        raise EdgeError(f"no OpenVINO IR at {xml}")
+    try:
+        return ov.Core().read_model(str(xml))
+    except Exception as exc:
+        raise EdgeError(f"OpenVINO cannot read {xml}: {_first_line(exc)}") from exc
+
+
+def _needs_data(options: Mapping[str, Any]) -> bool:
+    metric = str(options.get("sensitivity_metric", "WEIGHT_QUANTIZATION_ERROR")).upper()
+    return any(_as_bool(options.get(name, False)) for name in _DATA_AWARE) or metric != "WEIGHT_QUANTIZATION_ERROR"
+
+
+def _runtime_options(options: Mapping[str, Any]) -> dict[str, str]:
+    """The runtime options among ``options``, normalized (device upper case, hint checked)."""
+    runtime = {k: str(options[k]) for k in RUNTIME_OPTIONS if k in options}
+    if "device" in runtime:
+        runtime["device"] = runtime["device"].upper()
+        if runtime["device"].split(".")[0] not in DEVICES:
+            raise EdgeError(f"unknown device '{options['device']}' (choose from {', '.join(DEVICES)})")
+    if "performance_hint" in runtime:
+        runtime["performance_hint"] = runtime["performance_hint"].upper()  # the choices are checked already
+    if "inference_precision" in runtime:
+        runtime["inference_precision"] = runtime["inference_precision"].lower()
+    return runtime
+
+
+def runtime_from_env() -> dict[str, str]:
+    """Runtime options from ``MLFLOW_EDGE_OPENVINO_DEVICE`` / ``_PERFORMANCE_HINT`` / ``_INFERENCE_PRECISION``."""
+    return {k: os.environ[ENV_PREFIX + k.upper()] for k in RUNTIME_OPTIONS if os.environ.get(ENV_PREFIX + k.upper())}
+
+
+def _token_ids(calibration: Any, tokenizer_folder: Path) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    return tokenizer(calibration.text(), add_special_tokens=False)["input_ids"]
+
+
+def _calibration_samples(model: Any, token_ids: Sequence[int], seq_len: int) -> list[dict[str, np.ndarray]]:
+    """Consecutive windows of ``seq_len`` tokens, each a fresh sequence for the stateful IR's inputs."""
+    names = {name for port in model.inputs for name in port.get_names()}
+    count = len(token_ids) // seq_len
+    if count < 1:
+        raise EdgeError(f"calibration text has {len(token_ids)} tokens, fewer than one sample of {seq_len}")
+    samples = []
+    for window in range(count):
+        ids = np.asarray(token_ids[window * seq_len : (window + 1) * seq_len], dtype=np.int64)[None, :]
+        sample = {"input_ids": ids}
+        if "attention_mask" in names:
+            sample["attention_mask"] = np.ones_like(ids)
+        if "position_ids" in names:
+            sample["position_ids"] = np.arange(seq_len, dtype=np.int64)[None, :]
+        if "beam_idx" in names:
+            sample["beam_idx"] = np.zeros(1, dtype=np.int32)
+        samples.append(sample)
+    return samples
+
+
+def _compress_weights(nncf: Any, model: Any, mode: str, options: Mapping[str, Any],
+                      samples: list[dict[str, np.ndarray]]) -> tuple[Any, dict[str, Any]]:
+    kwargs: dict[str, Any] = {"mode": nncf.CompressWeightsMode[mode]}
+    recorded: dict[str, Any] = {}
+    if "ratio" in options:
+        kwargs["ratio"] = recorded["ratio"] = float(options["ratio"])
+    if "group_size" in options:
+        kwargs["group_size"] = recorded["group_size"] = int(options["group_size"])
+    for name in ("all_layers", *_DATA_AWARE):
+        if name in options:
+            kwargs[name] = recorded[name] = _as_bool(options[name])
+    if "backup_mode" in options:
+        kwargs["backup_mode"] = _enum_name(nncf.BackupMode, "backup_mode", options["backup_mode"])
+        recorded["backup_mode"] = kwargs["backup_mode"].name
+    if "sensitivity_metric" in options:
+        metric = options["sensitivity_metric"]
+        kwargs["sensitivity_metric"] = _enum_name(nncf.SensitivityMetric, "sensitivity_metric", metric)
+        recorded["sensitivity_metric"] = kwargs["sensitivity_metric"].name
+    if "group_size_fallback_mode" in options:
+        from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
+
+        fallback = _enum_name(GroupSizeFallbackMode, "group_size_fallback_mode", options["group_size_fallback_mode"])
+        kwargs["advanced_parameters"] = AdvancedCompressionParameters(group_size_fallback_mode=fallback)
+        recorded["group_size_fallback_mode"] = fallback.name
+    if samples:
+        subset = int(options.get("subset_size", 128))
+        kwargs["dataset"] = nncf.Dataset(samples[:subset])
+        kwargs["subset_size"] = recorded["subset_size"] = subset
+    return nncf.compress_weights(model, **kwargs), recorded
+
+
+def _post_training_quantize(nncf: Any, model: Any, options: Mapping[str, Any], samples: list[dict[str, np.ndarray]],
+                            runtime: Mapping[str, str]) -> tuple[Any, dict[str, Any]]:
+    subset = int(options.get("subset_size", 300))
+    kwargs: dict[str, Any] = {"model_type": nncf.ModelType.TRANSFORMER, "subset_size": subset}
+    recorded: dict[str, Any] = {"subset_size": subset}
+    if "preset" in options:
+        kwargs["preset"] = _enum_name(nncf.QuantizationPreset, "preset", options["preset"])
+        recorded["preset"] = kwargs["preset"].name
+    if "fast_bias_correction" in options:
+        kwargs["fast_bias_correction"] = recorded["fast_bias_correction"] = _as_bool(options["fast_bias_correction"])
+    if runtime.get("device", "").split(".")[0] in {"CPU", "GPU", "NPU"}:
+        kwargs["target_device"] = nncf.TargetDevice[runtime["device"].split(".")[0]]
+    if "max_drop" not in options:
+        if "drop_type" in options:
+            raise EdgeError("drop_type applies only with max_drop (accuracy control)")
+        return nncf.quantize(model, nncf.Dataset(samples[:subset]), **kwargs), recorded
+    max_drop = float(options["max_drop"])
+    if not 0 <= max_drop < 1:
+        raise EdgeError(f"max_drop must be in [0, 1), got {max_drop}")
+    drop_type = _enum_name(nncf.DropType, "drop_type", options.get("drop_type", "RELATIVE"))
+    if len(samples) < 2:
+        raise EdgeError("accuracy control needs at least 2 calibration samples (one to calibrate, one to validate)")
+    # the last windows (a quarter, at most 16) validate, the rest calibrate: the check never scores a calibration sample
+    held_out = max(1, min(len(samples) // 4, 16))
+    calibration, validation = samples[: len(samples) - held_out][:subset], samples[len(samples) - held_out :]
+    recorded.update({"max_drop": max_drop, "drop_type": drop_type.name, "validation_samples": len(validation)})
+    quantized = nncf.quantize_with_accuracy_control(
+        model, nncf.Dataset(calibration), nncf.Dataset(validation), validation_fn=_inverse_perplexity,
+        max_drop=max_drop, drop_type=drop_type, **kwargs)
+    return quantized, recorded
+
+
+def _inverse_perplexity(compiled_model: Any, validation_data: Any) -> tuple[float, list[float]]:
+    """``1 / perplexity`` of the next tokens over all validation windows, and per window (higher is better)."""
+    request = compiled_model.create_infer_request()
+    sums, counts = [], []
+    for item in validation_data:
+        request.reset_state()
+        logits = np.asarray(request.infer(item)[compiled_model.output(0)], dtype=np.float64)[0, :-1]
+        targets = item["input_ids"][0, 1:]
+        peak = logits.max(axis=-1, keepdims=True)
+        log_z = (peak[:, 0] + np.log(np.exp(logits - peak).sum(axis=-1)))
+        logprobs = logits[np.arange(len(targets)), targets] - log_z
+        sums.append(float(logprobs.sum()))
+        counts.append(len(targets))
+    per_window = [float(np.exp(s / c)) for s, c in zip(sums, counts)]
+    return float(np.exp(sum(sums) / sum(counts))), per_window
+
+
+# -- runtime -------------------------------------------------------------------------------------------------------
+def check_device(core: Any, device: str) -> str:
+    """``device`` upper-cased when OpenVINO has it here (``AUTO`` always), else a one-line error."""
+    device = device.upper()
+    available = list(core.available_devices)
+    family = device.split(".")[0]
+    if family == "AUTO" or device in available or (device == family and family in {d.split(".")[0] for d in available}):
+        return device
+    raise EdgeError(f"OpenVINO device '{device}' is not present on this machine "
+                    f"(available: {', '.join(available) or 'none'})")
+
+
+class OpenVINORunner:
+    """A stateful causal-LM IR on the OpenVINO runtime: one sequence, logits per position, greedy generation.
+
+    ``reset()`` starts a fresh sequence (clears the KV state) and ``forward(tokens)`` appends ``tokens`` to it,
+    returning their logits; the Runner protocol methods are built on those two.
+    """
+
+    def __init__(self, path: Path, threads: int, context_tokens: int, device: str = "CPU",
+                 performance_hint: str = "LATENCY", inference_precision: str | None = None) -> None:
+        ov = require_openvino()
+        core = ov.Core()
+        self.device = check_device(core, device)
+        hint = str(performance_hint).upper()
+        if hint not in PERFORMANCE_HINTS:
+            raise EdgeError(f"unknown performance_hint '{performance_hint}' "
+                            f"(choose from {', '.join(PERFORMANCE_HINTS)})")
+        model = _read_model(Path(path))
+        names = {name for port in model.inputs for name in port.get_names()}
+        if "input_ids" not in names or not model.get_sinks():
+            raise EdgeError(f"{model_xml(Path(path))} is not a stateful causal-LM IR "
+                            f"(optimum-intel {EXPORT_TASK})")
+        self._has_mask, self._has_positions, self._has_beam = (
+            "attention_mask" in names, "position_ids" in names, "beam_idx" in names)
+        config: dict[str, Any] = {"PERFORMANCE_HINT": hint}
+        if self.device.startswith("CPU") and threads > 0:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        if inference_precision:
+            config["INFERENCE_PRECISION_HINT"] = str(inference_precision).lower()
+        try:
+            compiled = core.compile_model(model, self.device, config)
+        except Exception as exc:
+            raise EdgeError(f"OpenVINO cannot compile {model_xml(Path(path))} for {self.device}: "
+                            f"{_first_line(exc)}") from exc
+        self.config = config
+        self._compiled = compiled
+        self._request = compiled.create_infer_request()
+        self._output = compiled.output(0)
+        self._n_ctx = int(context_tokens)
+        self._position = 0
+        self._mask = np.ones((1, self._n_ctx), dtype=np.int64)
+        self._positions = np.arange(self._n_ctx, dtype=np.int64)[None, :]
+        self._beam = np.zeros(1, dtype=np.int32)
+
+    @property
+    def context_tokens(self) -> int:
+        return self._n_ctx
+
+    def reset(self) -> None:
+        """Start a fresh sequence."""
+        if self._request is None:
+            raise EdgeError("this OpenVINO runner is closed")
+        self._request.reset_state()
+        self._position = 0
+
+    def forward(self, tokens: Sequence[int]) -> np.ndarray:
+        """Append ``tokens`` to the sequence; their logits ``[len(tokens), vocab]``, valid until the next call."""
+        if self._request is None:
+            raise EdgeError("this OpenVINO runner is closed")
+        start, end = self._position, self._position + len(tokens)
+        if end > self._n_ctx:
+            raise EdgeError(f"sequence of {end} tokens exceeds the context of {self._n_ctx}")
+        inputs: dict[str, np.ndarray] = {"input_ids": np.asarray(tokens, dtype=np.int64).reshape(1, -1)}
+        if self._has_mask:
+            inputs["attention_mask"] = self._mask[:, :end]
+        if self._has_positions:
+            inputs["position_ids"] = self._positions[:, start:end]
+        if self._has_beam:
+            inputs["beam_idx"] = self._beam
+        self._request.infer(inputs, share_inputs=True)
+        self._position = end
+        return self._request.get_tensor(self._output).data[0]
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        self.reset()
+        return np.array(self.forward(tokens), dtype=np.float32)
+
+    def prefill(self, tokens: Sequence[int]) -> float:
+        self.reset()
+        start = time.perf_counter()
+        self.forward(tokens)
+        return time.perf_counter() - start
+
+    def generate(self, tokens: Sequence[int], max_new_tokens: int) -> Generation:
+        if len(tokens) + max_new_tokens - 1 > self._n_ctx:
+            length = len(tokens) + max_new_tokens - 1
+            raise EdgeError(f"sequence of {length} tokens exceeds the context of {self._n_ctx}")
+        self.reset()
+        start = time.perf_counter()
+        token = int(self.forward(tokens)[-1].argmax())
+        ttft = time.perf_counter() - start
+        for _ in range(max_new_tokens - 1):
+            token = int(self.forward([token])[-1].argmax())
+        total = time.perf_counter() - start
+        return Generation(len(tokens), max_new_tokens, ttft, total)
+
+    def close(self) -> None:
+        self._request = None
+        self._compiled = None
