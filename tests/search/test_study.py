@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from mlflow_edge.backends.base import EdgeError
 from mlflow_edge.search import run_search
-from mlflow_edge.search.study import STALE_REASON, fail_stale_trials, parse_objectives
+from mlflow_edge.search.study import STALE_REASON, fail_stale_trials, parse_objectives, starting_points
 
 GATES = "accuracy_retention>=0.9"
 MODEL_NAME = "tiny-search-edge"
@@ -69,6 +69,9 @@ def test_search_keeps_optuna_study_next_to_mlflow_store(searched):
     assert (folder / "optuna.db").is_file()
     trials = _optuna_trials(folder, result["study"])
     assert len(trials) == 3 and result["trials"] == 3 and result["new_trials"] == 3
+    # a new study starts from each backend's usual defaults
+    assert [t.params for t in trials] == starting_points(("llamacpp", "openvino"))
+    assert trials[0].params == {"backend": "llamacpp", "llamacpp.precision": "Q4_K_M", "llamacpp.imatrix": False}
     assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL) for t in trials)
     for trial in trials:
         if trial.state == optuna.trial.TrialState.COMPLETE:
@@ -96,10 +99,15 @@ def test_search_resumes_the_remaining_budget(searched, tiny_source, settings):
     assert again["study"] == result["study"] and again["new_trials"] == 1 and again["trials"] == 4
     trials = _optuna_trials(folder, result["study"])
     assert len(trials) == 4
-    assert trials[3].params != trials[0].params  # the resumed sampler does not replay the first draws
     table = _runs()
     children = table[table["tags.mlflow.parentRunId"] == again["run_id"]]
-    assert sorted(children["tags.mlflow_edge.trial"].dropna()) == ["3"]
+    twin = trials[3].user_attrs.get("twin_of")
+    if twin is None:  # a new configuration: measured in its own nested run
+        assert all(trials[3].params != t.params for t in trials[:3])
+        assert sorted(children["tags.mlflow_edge.trial"].dropna()) == ["3"]
+    else:  # TPE went back to a known configuration: its result is reused, nothing re-measured
+        assert trials[3].params == trials[twin].params and trials[3].values == trials[twin].values
+        assert children["tags.mlflow_edge.trial"].dropna().empty
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -150,6 +150,11 @@ class Backend(Protocol):
         """``None`` when this framework can convert ``source``'s architecture, else a one-line reason."""
         ...
 
+    def starting_points(self) -> Sequence[Mapping[str, Any]]:
+        """The framework's usual defaults as :meth:`search_space` parameters (``{"llamacpp.precision": "Q4_K_M",
+        …}``): a new study tries them first, so a search never ends without having seen what users pick by hand."""
+        ...
+
     def search_space(self, trial: Any) -> tuple[str, dict[str, Any]]:
         """Sample a precision and quantization options from an Optuna ``trial``.
 

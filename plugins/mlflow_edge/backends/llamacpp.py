@@ -99,6 +99,9 @@ class LlamaCppBackend:
         return (f"llama.cpp's convert_hf_to_gguf.py ({len(known)} architectures) cannot convert "
                 f"{source.architecture}")
 
+    def starting_points(self) -> Sequence[Mapping[str, Any]]:
+        return ({"llamacpp.precision": "Q4_K_M", "llamacpp.imatrix": False},)  # llama.cpp's recommended default
+
     def search_space(self, trial: Any) -> tuple[str, dict[str, Any]]:
         precision = trial.suggest_categorical("llamacpp.precision", [
             "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_1", "Q5_K_S",

@@ -190,6 +190,12 @@ class OpenVINOBackend:
     def unsupported_reason(self, source: Any) -> str | None:
         return exportable_reason(source)
 
+    def starting_points(self) -> Sequence[Mapping[str, Any]]:
+        # optimum-intel's own defaults: int8 weights (load_in_8bit), and int4 asym, group 64, ratio 0.8 with AWQ
+        return ({"openvino.mode": "INT8_ASYM"},
+                {"openvino.mode": "INT4_ASYM", "openvino.group_size": 64, "openvino.ratio": 0.8, "openvino.awq": True,
+                 "openvino.scale_estimation": False})
+
     def search_space(self, trial: Any) -> tuple[str, dict[str, Any]]:
         mode = trial.suggest_categorical("openvino.mode", ["INT8_SYM", "INT8_ASYM", *FOUR_BIT_MODES])
         options: dict[str, Any] = {}

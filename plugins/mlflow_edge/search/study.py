@@ -34,6 +34,7 @@ from mlflow import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
 from mlflow_edge import registry
+from mlflow_edge.backends import get_backend
 from mlflow_edge.backends.base import EdgeError
 from mlflow_edge.evaluation.data import TextSlice, calibration_text, check_disjoint
 from mlflow_edge.evaluation.harness import EvalSettings, Evaluator
@@ -339,10 +340,15 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
         if stale:
             progress(f"marked trial(s) {', '.join(map(str, stale))} FAIL: left RUNNING by a stopped search")
         before = len(study.trials)
-        # A resumed study draws on from where it stopped instead of replaying the first call's random start-up trials.
-        study.sampler = optuna.samplers.TPESampler(seed=seed + before)
+        # A resumed study draws on from where it stopped instead of replaying the first call's random start-up trials;
+        # a small budget keeps TPE's random start-up short enough to leave it trials to learn from.
+        startup = min(10, max(2, (trials or 10) // 2))
+        study.sampler = optuna.samplers.TPESampler(seed=seed + before, n_startup_trials=startup)
         done = sum(t.state in DONE_STATES and t.number not in stale for t in study.get_trials(deepcopy=False))
         remaining = max(trials - done, 0) if trials and trials >= 1 else None
+        if before == 0:  # a new study: the backends' usual defaults first, as far as the budget goes
+            for point in starting_points(backends)[:remaining]:
+                study.enqueue_trial(point, skip_if_exists=True)
         progress(f"study {name}: {done} trial(s) done, {remaining if remaining is not None else 'unbounded'} to run "
                  f"over {', '.join(backends)}")
 
@@ -369,6 +375,11 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
         return {"study": name, "storage": storage_url, "run_id": parent.info.run_id, "trials": len(study.trials),
                 "new_trials": len(study.trials) - before, "pareto": table.to_dict("records"),
                 "promotion": promotion.describe()}
+
+
+def starting_points(backends: Sequence[str]) -> list[dict[str, Any]]:
+    """Every backend's defaults as full trial parameters (``backend`` first), tried first by a new study."""
+    return [{"backend": name, **point} for name in backends for point in get_backend(name).starting_points()]
 
 
 def open_study(storage_url: str, name: str, goals: Sequence[tuple[str, str]], objectives: str) -> optuna.Study:
