@@ -170,6 +170,7 @@ def promote(experiment_ids: Sequence[str], target: str, gates: Gates, policy: st
         "mlflow_edge.target": target,
         "mlflow_edge.study": best.data.tags.get("mlflow_edge.study", ""),
         "mlflow_edge.run_id": best.info.run_id,
+        **{key: best.data.tags[key] for key in ("mlflow_edge.trial", "optuna.study") if key in best.data.tags},
         "precision": best.data.params.get("precision", ""),
         "backend": best.data.params.get("backend", ""),
         "source.sha256": best.data.params.get("source.sha256", ""),

@@ -89,6 +89,10 @@ def test_search_logs_pareto_report_and_promotes(searched):
     assert (pareto["accuracy_retention"] >= 0.9).all()
     version = MlflowClient().get_model_version_by_alias(MODEL_NAME, "cpu-champion")
     assert version.tags["mlflow_edge.run_id"] in set(pareto["run_id"])
+    # lineage: study, trial and source on the version
+    assert version.tags["optuna.study"] == result["study"] and version.tags["mlflow_edge.study"] == result["study"]
+    winner = pareto[pareto["run_id"] == version.tags["mlflow_edge.run_id"]].iloc[0]
+    assert version.tags["mlflow_edge.trial"] == str(winner["trial"]) and len(version.tags["source.sha256"]) == 64
     assert "promoted" in result["promotion"]
 
 
