@@ -24,6 +24,13 @@ class EdgeError(Exception):
     """A user-facing error: the message is one line that names the problem."""
 
 
+def option_bool(value: Any) -> bool:
+    """A boolean backend option, from the CLI or MLproject (``"true"``, ``"1"``, ``"on"``) or from code."""
+    if isinstance(value, str):
+        return value.strip().lower() in {"1", "true", "yes", "on"}
+    return bool(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class Artifact:
     """A model in one backend's format, on disk.

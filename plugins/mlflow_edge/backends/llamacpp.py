@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from mlflow_edge import cache
-from mlflow_edge.backends.base import Artifact, EdgeError, Generation, OptionSpec
+from mlflow_edge.backends.base import Artifact, EdgeError, Generation, OptionSpec, option_bool
 
 CONVERT_PRECISIONS = ("f32", "f16", "bf16", "q8_0")
 # llama-quantize refuses these without an importance matrix
@@ -57,12 +57,6 @@ def ggml_type_id(name: str) -> int:
         return int(GGMLQuantizationType[name.upper()])
     except KeyError:
         raise EdgeError(f"unknown ggml tensor type: {name}") from None
-
-
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in {"1", "true", "yes", "on"}
-    return bool(value)
 
 
 class LlamaCppBackend:
@@ -157,13 +151,13 @@ class LlamaCppBackend:
         qtype = precision.upper()
         if qtype not in types:
             raise EdgeError(f"unknown GGUF quantization type '{precision}' (choose from {', '.join(types)})")
-        use_imatrix = _as_bool(options.get("imatrix", False))
+        use_imatrix = option_bool(options.get("imatrix", False))
         if qtype in IMATRIX_REQUIRED and not use_imatrix:
             raise EdgeError(f"{qtype} needs an importance matrix: set llamacpp.imatrix=true (computed from calibration text)")
         for key in ("output_tensor_type", "token_embedding_type"):
             if options.get(key):
                 ggml_type_id(options[key])  # validate early
-        if _is_quantized(base) and not _as_bool(options.get("allow_requantize", False)):
+        if _is_quantized(base) and not option_bool(options.get("allow_requantize", False)):
             raise EdgeError(f"{base.path.name} is already quantized ({base.precision}); set llamacpp.allow_requantize=true")
         out_dir.mkdir(parents=True, exist_ok=True)
         imatrix_path = None
@@ -186,9 +180,9 @@ class LlamaCppBackend:
             "output": str(out_dir / (_GGUF_NAME + ".partial")),
             "ftype": types[qtype],
             "nthread": int(options.get("nthread") or 0),
-            "allow_requantize": _as_bool(options.get("allow_requantize", False)),
-            "pure": _as_bool(options.get("pure", False)),
-            "quantize_output_tensor": not _as_bool(options.get("leave_output_tensor", False)),
+            "allow_requantize": option_bool(options.get("allow_requantize", False)),
+            "pure": option_bool(options.get("pure", False)),
+            "quantize_output_tensor": not option_bool(options.get("leave_output_tensor", False)),
             "output_tensor_type": ggml_type_id(options["output_tensor_type"]) if options.get("output_tensor_type") else None,
             "token_embedding_type": ggml_type_id(options["token_embedding_type"]) if options.get("token_embedding_type") else None,
             "imatrix": str(imatrix_path) if imatrix_path else None,

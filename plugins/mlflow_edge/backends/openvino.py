@@ -51,7 +51,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from mlflow_edge.backends.base import Artifact, EdgeError, Generation, OptionSpec
+from mlflow_edge.backends.base import Artifact, EdgeError, Generation, OptionSpec, option_bool
 
 MODEL_XML = "openvino_model.xml"
 MODEL_BIN = "openvino_model.bin"
@@ -117,12 +117,6 @@ def companion_files(folder: Path) -> list[Path]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
-
-
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in {"1", "true", "yes", "on"}
-    return bool(value)
 
 
 def _enum_name(enum: Any, option: str, value: Any) -> Any:
@@ -370,7 +364,7 @@ def _read_model(path: Path) -> Any:
 
 def _needs_data(options: Mapping[str, Any]) -> bool:
     metric = str(options.get("sensitivity_metric", "WEIGHT_QUANTIZATION_ERROR")).upper()
-    return any(_as_bool(options.get(name, False)) for name in _DATA_AWARE) or metric != "WEIGHT_QUANTIZATION_ERROR"
+    return any(option_bool(options.get(name, False)) for name in _DATA_AWARE) or metric != "WEIGHT_QUANTIZATION_ERROR"
 
 
 def _runtime_options(options: Mapping[str, Any]) -> dict[str, str]:
@@ -429,7 +423,7 @@ def _compress_weights(nncf: Any, model: Any, mode: str, options: Mapping[str, An
         kwargs["group_size"] = recorded["group_size"] = int(options["group_size"])
     for name in ("all_layers", *_DATA_AWARE):
         if name in options:
-            kwargs[name] = recorded[name] = _as_bool(options[name])
+            kwargs[name] = recorded[name] = option_bool(options[name])
     if "backup_mode" in options:
         kwargs["backup_mode"] = _enum_name(nncf.BackupMode, "backup_mode", options["backup_mode"])
         recorded["backup_mode"] = kwargs["backup_mode"].name
@@ -459,7 +453,7 @@ def _post_training_quantize(nncf: Any, model: Any, options: Mapping[str, Any], s
         kwargs["preset"] = _enum_name(nncf.QuantizationPreset, "preset", options["preset"])
         recorded["preset"] = kwargs["preset"].name
     if "fast_bias_correction" in options:
-        kwargs["fast_bias_correction"] = recorded["fast_bias_correction"] = _as_bool(options["fast_bias_correction"])
+        kwargs["fast_bias_correction"] = recorded["fast_bias_correction"] = option_bool(options["fast_bias_correction"])
     if runtime.get("device", "").split(".")[0] in {"CPU", "GPU", "NPU"}:
         kwargs["target_device"] = nncf.TargetDevice[runtime["device"].split(".")[0]]
     if "max_drop" not in options:
