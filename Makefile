@@ -5,7 +5,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test ui clean
+.PHONY: setup demo test lint ui clean
 
 setup:
 	scripts/setup.sh
@@ -13,8 +13,11 @@ setup:
 demo: setup
 	mlflow run . -e main --env-manager local --experiment-name mlflow-edge
 
-test: setup
+test: setup lint
 	python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	python -m ruff check plugins tests benchmarks flows
 
 ui: setup
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1

@@ -3,7 +3,7 @@
 For the offline demo source (SmolLM2-135M, ``resolve_source("demo")``) and each quantization type, two paths do the
 same work and are timed by wall clock:
 
-- **mlflow-edge**: ``LlamaCppBackend().quantize(base, fresh_dir, type)`` (not the cached ``workflow.quantize``, so
+- **mlflow-edge**: ``LlamaCppBackend().quantize(base, fresh_dir, type)`` (not the cached ``artifacts.quantize``, so
   quantization really runs) + ``Evaluator.evaluate(artifact)`` (a child process per step, as in a real study);
 - **raw**: in this process, ``llama_cpp.llama_model_quantize`` with default params and the ftype, then
   ``llama_cpp.Llama(...)``, the harness's speed protocol (warm-up, prefill × repeats, greedy generate × repeats) on
@@ -140,7 +140,6 @@ def raw_run(llama_cpp: Any, base_path: Path, out_path: Path, qtype: str, tokens_
             reference_dir: Path, settings: Any) -> dict[str, Any]:
     """Quantize + evaluate ``qtype`` with llama-cpp-python directly, in this process."""
     import numpy as np
-
     from mlflow_edge.evaluation.accuracy import AccuracyAccumulator, ReferenceLogprobs
 
     # llama-cpp-python maps ggml's WARN level onto logging.ERROR, so the per-tensor fallback warnings of k-quants
@@ -250,8 +249,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, user_cache: str | None, scratch: Path) -> int:
     import llama_cpp
-
-    from mlflow_edge import workflow
+    from mlflow_edge import artifacts
     from mlflow_edge.backends.llamacpp import LlamaCppBackend
     from mlflow_edge.evaluation.harness import EvalSettings, Evaluator, default_threads
     from mlflow_edge.sources import resolve_source
@@ -261,7 +259,7 @@ def run(args: argparse.Namespace, user_cache: str | None, scratch: Path) -> int:
     with cache_at(user_cache):  # the dequantized demo source and the f16 GGUF come from the normal cache
         progress("resolving the demo source and converting it to f16 GGUF (normal cache)")
         source = resolve_source("demo")
-        base = workflow.convert(source, "llamacpp", "f16")
+        base = artifacts.convert(source, "llamacpp", "f16")
     settings = EvalSettings(window=args.window, windows=args.windows, threads=args.threads or default_threads())
     evaluator = Evaluator(source, settings, workdir=scratch / "eval")
     progress("measuring the reference once (transformers fp32, shared by both paths)")

@@ -88,9 +88,8 @@ class RawOpenVINO:
 
 def pyfunc_vs_raw(artifact: Any, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     import mlflow
-    from transformers import AutoTokenizer
-
     from mlflow_edge.flavors import openvino as ov_flavor
+    from transformers import AutoTokenizer
 
     model_dir = scratch / "pyfunc-model"
     ov_flavor.save_model(artifact.path, model_dir, metadata_config={"precision": artifact.precision})
@@ -155,7 +154,7 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
 
 
 def variants_vs_fp16(source: Any, base: Any, args: argparse.Namespace, scratch: Path) -> list[dict[str, Any]]:
-    from mlflow_edge import workflow
+    from mlflow_edge import artifacts
     from mlflow_edge.evaluation.data import calibration_text
     from mlflow_edge.evaluation.harness import EvalSettings, Evaluator
 
@@ -170,7 +169,7 @@ def variants_vs_fp16(source: Any, base: Any, args: argparse.Namespace, scratch: 
         measured = [("f16", base, baseline)]
         for label, precision, options in VARIANTS:
             progress(f"quantizing and measuring {label}")
-            artifact = workflow.quantize(source, base, precision, options,
+            artifact = artifacts.quantize(source, base, precision, options,
                                          calibration=calibration_text() if options.get("awq") else None)
             measured.append((label, artifact, evaluator.evaluate(artifact)))
     finally:
@@ -212,15 +211,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import openvino
-
-    from mlflow_edge import workflow
+    from mlflow_edge import artifacts
     from mlflow_edge.backends import get_backend
     from mlflow_edge.sources import resolve_source
     from mlflow_edge.targets import hardware_fingerprint
 
     progress("resolving the demo source and converting it to an f16 IR (normal cache)")
     source = resolve_source("demo")
-    base = workflow.convert(source, "openvino", "f16")
+    base = artifacts.convert(source, "openvino", "f16")
     emit({"setup": {"source": source.name, "base": base.precision, "base_size_mb": base.size_bytes / 1e6,
                     "versions": dict(get_backend("openvino").versions()), "openvino_build": openvino.get_version(),
                     "threads": args.threads, "machine": hardware_fingerprint()}})

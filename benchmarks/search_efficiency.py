@@ -8,7 +8,7 @@ timed by wall clock, each in its own temporary folder with its own sqlite MLflow
 - **search** (first): ``run_search("demo", target="cpu", trials=N, seed=0, settings=...)``: the reference, N trials
   (quantize + evaluate, logged as MLflow runs with their models), the search report and the promotion;
 - **exhaustive** (second): every point of the space (for llama.cpp: 14 precisions × ``imatrix`` False/True), each
-  ``workflow.quantize`` + ``Evaluator.evaluate`` with the same settings and calibration text, plus the reference once.
+  ``artifacts.quantize`` + ``Evaluator.evaluate`` with the same settings and calibration text, plus the reference once.
   The grid logs nothing to MLflow, which only makes it cheaper: the ratio is conservative.
 
 Untimed and shared: the dequantized demo source and the f16 GGUF, taken from the normal cache (the fresh caches link
@@ -116,7 +116,6 @@ def grid(backends: tuple[str, ...]) -> tuple[list[dict[str, Any]], dict[str, Any
     Each backend's ``search_space`` is replayed depth first: at every parameter it asks for that is not fixed yet,
     the walk branches into each of its choices, so conditional parameters are expanded where they apply."""
     import optuna
-
     from mlflow_edge.backends import get_backend
 
     points: list[dict[str, Any]] = []
@@ -154,8 +153,7 @@ def pareto(rows: list[dict[str, Any]], distributions: dict[str, Any],
 def run_search_path(args: argparse.Namespace, settings: Any) -> dict[str, Any]:
     import optuna
     from mlflow import MlflowClient
-
-    from mlflow_edge.backends.base import EdgeError
+    from mlflow_edge.errors import EdgeError
     from mlflow_edge.registry import champion_alias
     from mlflow_edge.search.study import run_search
 
@@ -197,11 +195,10 @@ def run_search_path(args: argparse.Namespace, settings: Any) -> dict[str, Any]:
 
 
 def run_grid_path(args: argparse.Namespace, settings: Any, points: list[dict[str, Any]]) -> dict[str, Any]:
-    from mlflow_edge import workflow
+    from mlflow_edge import artifacts
     from mlflow_edge.evaluation.data import calibration_text
     from mlflow_edge.evaluation.harness import Evaluator
     from mlflow_edge.gates import parse_gates
-    from mlflow_edge.workflow import base_precision
     from mlflow_edge.sources import resolve_source
 
     gates = parse_gates(None)
@@ -218,8 +215,8 @@ def run_grid_path(args: argparse.Namespace, settings: Any, points: list[dict[str
             t0 = time.perf_counter()
             row = {"path": "exhaustive", "point": i, **point, "metrics": None, "error": None}
             try:
-                base = workflow.convert(source, point["backend"], base_precision(point["backend"]))
-                artifact = workflow.quantize(source, base, point["precision"], point["options"], calibration)
+                base = artifacts.convert(source, point["backend"])
+                artifact = artifacts.quantize(source, base, point["precision"], point["options"], calibration)
                 t1 = time.perf_counter()
                 metrics = evaluator.evaluate(artifact)
                 row.update(quantize_s=t1 - t0, evaluate_s=time.perf_counter() - t1, metrics=metrics,
@@ -276,12 +273,10 @@ def same_config(row: dict[str, Any], promoted: dict[str, Any]) -> bool:
 
 def run(args: argparse.Namespace, user_cache: Path, scratch: Path) -> int:
     import optuna
-
-    from mlflow_edge import workflow
+    from mlflow_edge import artifacts
     from mlflow_edge.evaluation.harness import EvalSettings
     from mlflow_edge.search.space import backends_for
     from mlflow_edge.search.study import MULTI_OBJECTIVE
-    from mlflow_edge.workflow import base_precision
     from mlflow_edge.sources import resolve_source
     from mlflow_edge.targets import hardware_fingerprint
 
@@ -291,7 +286,7 @@ def run(args: argparse.Namespace, user_cache: Path, scratch: Path) -> int:
     backends = backends_for("cpu")
     source = resolve_source("demo")
     for backend in backends:
-        workflow.convert(source, backend, base_precision(backend))
+        artifacts.convert(source, backend)
     points, distributions = grid(backends)
     full = len(points)
     if args.limit_grid is not None:

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from mlflow_edge import cache
 
 
@@ -32,7 +31,8 @@ def test_builds_once_then_reuses_the_entry(tmp_path: Path) -> None:
     assert json.loads((folder / "key.json").read_text()) == key
 
     rebuild, second_calls = write_payload("second")
-    again = cache.get_or_build("kind", dict(reversed(list(key.items()))), rebuild, root=tmp_path)  # key order is irrelevant
+    reordered = dict(reversed(list(key.items())))  # key order is irrelevant
+    again = cache.get_or_build("kind", reordered, rebuild, root=tmp_path)
     assert again == folder
     assert second_calls == []
     assert (again / "payload.txt").read_text() == "first"

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
-
-from mlflow_edge.backends.base import EdgeError
 from mlflow_edge.cli import main, parse_options
+from mlflow_edge.errors import EdgeError
 
 
 def test_parse_options_strips_the_backend_prefix():

@@ -6,9 +6,9 @@ import math
 
 import mlflow
 import pytest
-
-from mlflow_edge.backends.base import EdgeError
-from mlflow_edge.gates import DEFAULT_GATES, METRICS, Gate, GateGroup, Gates, parse_gates
+from mlflow_edge.errors import EdgeError
+from mlflow_edge.gates import DEFAULT_GATES, Gate, GateGroup, Gates, parse_gates
+from mlflow_edge.metrics import METRICS
 
 GOOD = {"accuracy_retention": 0.97, "speedup": 2.4, "compression_ratio": 1.1, "latency_cv": 0.03}
 
@@ -172,7 +172,7 @@ def test_certain_failures_need_every_gate_of_a_group_known_and_missed_beyond_the
 
 
 def test_restricted_to_keeps_the_measurable_gates() -> None:
-    from mlflow_edge.gates import ACCURACY_SIZE_METRICS
+    from mlflow_edge.metrics import ACCURACY_SIZE_METRICS
 
     kept, dropped = DEFAULT_GATES.restricted_to(ACCURACY_SIZE_METRICS)
     assert str(kept) == "accuracy_retention>=0.95,compression_ratio>=2.0"

@@ -12,7 +12,6 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow import MlflowClient
-
 from mlflow_edge.search.study import STALE_REASON
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +98,6 @@ def test_search_killed_mid_trial_resumes_the_same_study(tracking_uri, tiny_sourc
     states = [t.state for t in trials]
     assert states.count(optuna.trial.TrialState.FAIL) == 1 and len(trials) == 3  # the killed trial, then 2 done
     killed = next(t for t in trials if t.state == optuna.trial.TrialState.FAIL)
-    assert killed.user_attrs["error"] == STALE_REASON
     runs = mlflow.search_runs(experiment_names=["edge-project"])
     assert set(runs[runs["tags.mlflow_edge.error"] == STALE_REASON]["run_id"]) == {
         killed.user_attrs["run_id"], *runs[(runs["tags.mlflow_edge.role"] == "study")

@@ -6,9 +6,8 @@ import math
 
 import mlflow
 import pytest
-
 from mlflow_edge import registry
-from mlflow_edge.backends.base import EdgeError
+from mlflow_edge.errors import EdgeError
 from mlflow_edge.gates import parse_gates
 
 

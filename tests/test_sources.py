@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from mlflow_edge.backends.base import EdgeError
+from mlflow_edge.errors import EdgeError
 from mlflow_edge.sources import (
     DEMO_NAME,
     SourceModel,
@@ -239,7 +238,7 @@ def test_hub_id_offline_is_refused_without_network(monkeypatch: pytest.MonkeyPat
     model_id = "mlflow-edge-tests/no-such-model"
     code = (
         "import sys\n"
-        "from mlflow_edge.backends.base import EdgeError\n"
+        "from mlflow_edge.errors import EdgeError\n"
         "from mlflow_edge.sources import resolve_source\n"
         "try:\n"
         f"    resolve_source({model_id!r})\n"

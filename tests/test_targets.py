@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
-
-from mlflow_edge.backends.base import EdgeError
+from mlflow_edge.backends import backend_names, get_backend
+from mlflow_edge.errors import EdgeError
 from mlflow_edge.targets import (
     HW_KEYS,
     TARGETS,
@@ -79,16 +79,19 @@ def test_every_conventions_target_is_present() -> None:
         section = CONVENTIONS.read_text().split("## Hardware targets")[1].split("\n## ")[0]
         rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
         assert {n for cell in rows for n in re.findall(r"`([a-z-]+)`", cell)} == set(TARGETS)
-    known = {"llamacpp", "onnxruntime", "olive", "openvino", "mlx"}
     for t in TARGETS.values():
-        assert isinstance(t, Target) and t.primary and set(t.primary + t.secondary) <= known
+        assert isinstance(t, Target) and set(t.primary + t.secondary) <= set(backend_names())
 
 
-def test_recommended_backends() -> None:
-    assert recommended_backends("intel-cpu") == ("openvino", "olive", "onnxruntime")
-    assert recommended_backends("apple-silicon") == ("mlx", "llamacpp")
-    assert recommended_backends("arm-cpu")[0] == "llamacpp"
-    assert set(recommended_backends("cpu")) == {"llamacpp", "onnxruntime", "olive", "openvino", "mlx"}
+def test_recommended_backends_come_from_the_backends_own_declarations() -> None:
+    for name in backend_names():
+        for target, rank in get_backend(name).targets.items():
+            if target in TARGETS:
+                assert name in getattr(TARGETS[target], rank)
+    for target in TARGETS:
+        ranks = [get_backend(b).targets[target] for b in recommended_backends(target)]
+        assert ranks == sorted(ranks, key=("primary", "secondary").index)  # primary first
+    assert recommended_backends("cpu"), "every CPU backend serves the default target"
 
 
 def test_framework_versions() -> None:

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import click
 
-from mlflow_edge.backends.base import EdgeError
+from mlflow_edge.errors import EdgeError
 
 
 def _one_line_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -48,7 +48,8 @@ def _settings(eval_text: str | None, window: int, windows: int, threads: int | N
 
 _model = click.option("--model", default="demo", show_default=True,
                       help="source: 'demo', a Hugging Face id, a save_pretrained folder or a .gguf file")
-_backend = click.option("--backend", default="llamacpp", show_default=True)
+_backend = click.option("--backend", default=None,
+                        help="a registered backend (see quant-types; default: the target's first installed one)")
 _target = click.option("--target", default="cpu", show_default=True, help="hardware target (see conventions)")
 _experiment = click.option("--experiment", default=None, help="MLflow experiment (default: mlflow-edge)")
 _gates = click.option("--gates", default=None, help="e.g. 'accuracy_retention>=0.95,speedup>=2|compression_ratio>=2'")
@@ -75,12 +76,12 @@ def main() -> None:
 @main.command()
 @_model
 @_backend
-@click.option("--precision", default="f16", show_default=True, help="conversion precision (f32, f16, bf16, q8_0)")
+@click.option("--precision", default=None, help="conversion precision (default: the backend's base precision)")
 @_target
 @click.option("--output-dir", default=None, help="also copy the artifact here")
 @_experiment
 @_one_line_errors
-def convert(model: str, backend: str, precision: str, target: str, output_dir: str | None,
+def convert(model: str, backend: str | None, precision: str | None, target: str, output_dir: str | None,
             experiment: str | None) -> None:
     """Convert a Hugging Face causal LM into the backend's format and log it as an MLflow model."""
     from mlflow_edge.workflow import run_convert
@@ -92,14 +93,14 @@ def convert(model: str, backend: str, precision: str, target: str, output_dir: s
 @_model
 @_backend
 @click.option("--precision", required=True, help="quantization type in the framework's own name (e.g. Q4_K_M)")
-@click.option("--base-precision", default="f16", show_default=True)
+@click.option("--base-precision", default=None, help="precision quantization starts from (default: the backend's)")
 @click.option("--options", default=None, help="backend options, e.g. 'imatrix=true,pure=true'")
 @click.option("--calibration-text", default=None, help="calibration text file (default: built-in slice)")
 @_target
 @click.option("--output-dir", default=None, help="also copy the artifact here")
 @_experiment
 @_one_line_errors
-def quantize(model: str, backend: str, precision: str, base_precision: str, options: str | None,
+def quantize(model: str, backend: str | None, precision: str, base_precision: str | None, options: str | None,
              calibration_text: str | None, target: str, output_dir: str | None, experiment: str | None) -> None:
     """Quantize a model with the backend's own quantizer and log it as an MLflow model."""
     from mlflow_edge.workflow import run_quantize
@@ -110,7 +111,8 @@ def quantize(model: str, backend: str, precision: str, base_precision: str, opti
 
 @main.command()
 @_model
-@click.option("--artifact", "artifact_uri", required=True, help="logged model URI (models:/…, runs:/…) or a .gguf")
+@click.option("--artifact", "artifact_uri", required=True,
+              help="logged model URI (models:/…, runs:/…) or a local model file or folder")
 @_target
 @_gates
 @_eval_options
@@ -143,8 +145,8 @@ def promote(experiment: str, target: str, gates: str | None, policy: str, regist
 
     from mlflow_edge import registry
     from mlflow_edge.gates import parse_gates
+    from mlflow_edge.runs import log_new_params, tracked_run
     from mlflow_edge.targets import get_target
-    from mlflow_edge.workflow import log_new_params, tracked_run
 
     get_target(target)
     gate_spec = parse_gates(gates)
@@ -172,6 +174,8 @@ def _optional_float(ctx: click.Context, param: click.Parameter, value: str | Non
 def _search_options(func: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed([
         _model, _target,
+        click.option("--backends", default=None,
+                     help="comma-separated backends to search (default: every installed one the target recommends)"),
         click.option("--trials", default=8, show_default=True, help="trial budget (a resumed study runs what is left)"),
         click.option("--timeout", default=None, callback=_optional_float, help="time budget in seconds"),
         click.option("--objectives", default="multi", show_default=True,
@@ -188,7 +192,8 @@ def _search_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--accuracy-only", type=click.BOOL, default=False, show_default=True,
                      help="true: measure accuracy and size only (for a target whose hardware this machine lacks)"),
         click.option("--screen-windows", default=None, type=int,
-                     help="windows of the cheap first accuracy check that can prune a trial (default: windows/4; 0: off)"),
+                     help="windows of the cheap first accuracy check that can prune a trial "
+                          "(default: windows/4; 0: off)"),
         click.option("--prune-margin", default=0.02, show_default=True,
                      help="prune only when the first windows miss a gate by more than this (relative)"),
         _eval_options, _experiment, _one_line_errors,
@@ -197,7 +202,8 @@ def _search_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def _search(run_name: str, model: str, target: str, trials: int, timeout: float | None, objectives: str,
+def _search(run_name: str, model: str, target: str, backends: str | None, trials: int, timeout: float | None,
+            objectives: str,
             gates: str | None, policy: str, seed: int, storage: str | None, study_name: str | None,
             registered_model: str | None, calibration_text: str | None, accuracy_only: bool,
             screen_windows: int | None, prune_margin: float, eval_text: str | None, window: int, windows: int,
@@ -207,7 +213,8 @@ def _search(run_name: str, model: str, target: str, trials: int, timeout: float 
     result = run_search(model, target, trials, timeout, objectives, gates, policy, seed, storage, study_name,
                         registered_model or None, _settings(eval_text, window, windows, threads, repeats),
                         calibration_text, experiment, accuracy_only=accuracy_only, screen_windows=screen_windows,
-                        prune_margin=prune_margin, run_name=run_name)
+                        prune_margin=prune_margin, run_name=run_name,
+                        backends=[b.strip() for b in (backends or "").split(",") if b.strip()] or None)
     click.echo(f"study {result['study']}: {result['trials']} trials ({result['new_trials']} new), "
                f"{len(result['pareto'])} on the Pareto front")
     click.echo(result["promotion"])
@@ -230,8 +237,8 @@ def search(**kwargs: Any) -> None:
 @main.command()
 @_model
 @_backend
-@click.option("--types", default=None, help="comma-separated quantization types (default: the GGUF sweep)")
-@click.option("--base-precision", default="f16", show_default=True)
+@click.option("--types", default=None, help="comma-separated quantization types (default: the backend's sweep)")
+@click.option("--base-precision", default=None, help="precision quantization starts from (default: the backend's)")
 @click.option("--options", default=None, help="backend options for every type, e.g. 'imatrix=true'")
 @click.option("--calibration-text", default=None, help="calibration text file (default: built-in slice)")
 @_target
@@ -241,14 +248,14 @@ def search(**kwargs: Any) -> None:
 @_eval_options
 @_experiment
 @_one_line_errors
-def sweep(model: str, backend: str, types: str | None, base_precision: str, options: str | None,
+def sweep(model: str, backend: str | None, types: str | None, base_precision: str | None, options: str | None,
           calibration_text: str | None, target: str, gates: str | None, policy: str, registered_model: str | None,
           eval_text: str | None, window: int, windows: int, threads: int | None, repeats: int,
           experiment: str | None) -> None:
     """A fixed grid: convert, every given quantization type, evaluation against the reference, promotion."""
-    from mlflow_edge.workflow import DEFAULT_SWEEP, run_sweep
+    from mlflow_edge.workflow import run_sweep
 
-    grid = tuple(t.strip() for t in types.split(",") if t.strip()) if types else DEFAULT_SWEEP
+    grid = tuple(t.strip() for t in types.split(",") if t.strip()) if types else None
     result = run_sweep(model, backend, grid, base_precision, parse_options(options), target, gates, policy,
                        registered_model, _settings(eval_text, window, windows, threads, repeats), calibration_text,
                        experiment)
@@ -263,7 +270,6 @@ def targets(target: str | None, model: str | None) -> None:
     """List hardware targets, whether this machine can measure them, and the backends to use."""
     import pandas as pd
 
-    from mlflow_edge.backends import BACKENDS
     from mlflow_edge.search.space import backends_for, backends_for_model
     from mlflow_edge.targets import TARGETS, get_target, is_measurable, recommended_backends
 
@@ -287,23 +293,28 @@ def targets(target: str | None, model: str | None) -> None:
         row.update(needs=t.requires, notes=t.notes)
         rows.append(row)
     click.echo(pd.DataFrame(rows).to_string(index=False))
-    unregistered = sorted({b for t in chosen for b in recommended_backends(t)} - set(BACKENDS))
-    if unregistered:
-        click.echo(f"not yet available in mlflow-edge: {', '.join(unregistered)}")
 
 
 @main.command("quant-types")
-@_backend
+@click.option("--backend", default=None, help="one backend (default: every registered one)")
 @_one_line_errors
-def quant_types(backend: str) -> None:
-    """List the quantization types and options a backend offers."""
-    from mlflow_edge.backends import get_backend
+def quant_types(backend: str | None) -> None:
+    """List the quantization types and options of the registered backends."""
+    from mlflow_edge.backends import backend_names, get_backend
 
-    impl = get_backend(backend)
-    click.echo("convert: " + " ".join(impl.convert_precisions()))
-    click.echo("quantize: " + " ".join(impl.quantize_precisions()))
-    for spec in impl.option_specs():
-        click.echo(f"option {backend}.{spec.name} ({spec.type.__name__}, default {spec.default}): {spec.help}")
+    for name in [backend] if backend else backend_names():
+        impl = get_backend(name)
+        click.echo(f"[{name}] format {impl.format}, flavor {impl.flavor}")
+        try:
+            click.echo("convert: " + " ".join(impl.convert_precisions()))
+            click.echo("quantize: " + " ".join(impl.quantize_precisions()))
+        except EdgeError as exc:  # the framework is not installed: say so and go on with the others
+            if backend:
+                raise
+            click.echo(f"not installed: {exc}")
+            continue
+        for spec in impl.option_specs():
+            click.echo(f"option {name}.{spec.name} ({spec.type.__name__}, default {spec.default}): {spec.help}")
 
 
 if __name__ == "__main__":

@@ -20,35 +20,8 @@ import math
 import re
 from typing import Literal, Mapping, Sequence
 
-from mlflow_edge.backends.base import EdgeError
-
-METRICS: tuple[str, ...] = (
-    "size_mb",
-    "compression_ratio",
-    "bits_per_weight",
-    "load_s",
-    "prefill_tok_s",
-    "decode_tok_s",
-    "ttft_ms",
-    "latency_ms_p50",
-    "latency_ms_p95",
-    "latency_cv",
-    "peak_rss_mb",
-    "perplexity",
-    "kld_mean",
-    "kld_p99",
-    "top1_agreement",
-    "accuracy_retention",
-    "speedup",
-    "memory_reduction",
-)
-"""The metric names of CONVENTIONS.md, in its order."""
-
-ACCURACY_SIZE_METRICS: tuple[str, ...] = (
-    "size_mb", "compression_ratio", "bits_per_weight", "perplexity", "kld_mean", "kld_p99", "top1_agreement",
-    "accuracy_retention",
-)
-"""What is measured without the target's hardware: the artifact's bytes and its outputs (any device computes them)."""
+from mlflow_edge.errors import EdgeError
+from mlflow_edge.metrics import METRICS
 
 Status = Literal["pass", "fail", "missing"]
 

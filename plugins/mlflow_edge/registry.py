@@ -17,8 +17,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from mlflow_edge.backends.base import EdgeError
-from mlflow_edge.gates import METRICS, GateReport, Gates
+from mlflow_edge.errors import EdgeError
+from mlflow_edge.gates import GateReport, Gates
+from mlflow_edge.metrics import METRICS
 
 MODEL_URI_TAG = "mlflow_edge.model_uri"
 
@@ -155,7 +156,8 @@ def promote(experiment_ids: Sequence[str], target: str, gates: Gates, policy: st
     checked: list[tuple[Run, GateReport]] = [(run, gates.check(run.data.metrics)) for run in runs]
     feasible = [(run, report) for run, report in checked if report.passed]
     if not feasible:
-        raise EdgeError(f"none of {len(runs)} candidates passed the gates {gates}; nothing registered, champion unchanged")
+        raise EdgeError(f"none of {len(runs)} candidates passed the gates {gates}; nothing registered, "
+                        "champion unchanged")
     client = MlflowClient()
     alias = champion_alias(target)
     champion = _current_champion(client, registered_model, alias)

@@ -19,8 +19,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mlflow_edge.backends.base import EdgeError
-from mlflow_edge.gates import METRICS
+from mlflow_edge.errors import EdgeError
+from mlflow_edge.metrics import METRICS
 
 ID_COLUMNS: tuple[str, ...] = ("name", "backend", "precision", "role")
 

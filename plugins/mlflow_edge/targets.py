@@ -7,8 +7,8 @@ a deployment target, and :func:`is_measurable` whether this machine can measure 
 Example::
 
     >>> from mlflow_edge.targets import get_target, is_measurable, recommended_backends
-    >>> recommended_backends("intel-cpu")
-    ('openvino', 'olive', 'onnxruntime')
+    >>> recommended_backends("intel-cpu")  # from the installed backends' own declarations
+    ('openvino',)
     >>> is_measurable("cpu")
     True
 """
@@ -28,9 +28,7 @@ from typing import Iterable
 
 import psutil
 
-from mlflow_edge.backends.base import EdgeError
-
-BACKEND_NAMES: tuple[str, ...] = ("llamacpp", "onnxruntime", "olive", "openvino", "mlx")
+from mlflow_edge.errors import EdgeError
 
 HW_KEYS: tuple[str, ...] = ("hw.cpu_model", "hw.cpu_flags", "hw.cores", "hw.memory_gb", "hw.accelerator", "hw.os")
 
@@ -60,20 +58,8 @@ _FLAG_ALIASES: dict[str, str] = {
 }
 _FLAG_ORDER: tuple[str, ...] = ("avx", "avx2", "avx512", "vnni", "amx", "f16c", "fma", "neon", "sve", "dotprod")
 
-DEFAULT_PACKAGES: tuple[str, ...] = (
-    "mlflow",
-    "optuna",
-    "torch",
-    "transformers",
-    "llama-cpp-python",
-    "openvino",
-    "nncf",
-    "optimum-intel",
-    "onnxruntime",
-    "olive-ai",
-    "mlx",
-    "mlx-lm",
-)
+CORE_PACKAGES: tuple[str, ...] = ("mlflow", "optuna", "torch", "transformers")
+"""Packages every run depends on; each backend adds the distributions it declares (``Backend.requirements``)."""
 
 
 def _run(cmd: list[str]) -> str:
@@ -175,8 +161,18 @@ def _fingerprint() -> dict[str, str]:
     }
 
 
-def framework_versions(packages: Iterable[str] = DEFAULT_PACKAGES) -> dict[str, str]:
-    """``version.<name>`` tags (``-`` in a distribution name becomes ``_``) for the installed ``packages``."""
+def default_packages() -> tuple[str, ...]:
+    """The core packages and every registered backend's runtime requirements."""
+    from mlflow_edge.backends import loadable_backends
+
+    extra = [name for backend in loadable_backends() for name in backend.requirements]
+    return tuple(dict.fromkeys([*CORE_PACKAGES, *extra]))
+
+
+def framework_versions(packages: Iterable[str] | None = None) -> dict[str, str]:
+    """``version.<name>`` tags (``-`` in a distribution name becomes ``_``) for the installed ``packages``
+    (default: :func:`default_packages`)."""
+    packages = default_packages() if packages is None else packages
     versions: dict[str, str] = {}
     for name in packages:
         try:
@@ -189,31 +185,41 @@ def framework_versions(packages: Iterable[str] = DEFAULT_PACKAGES) -> dict[str, 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """One row of the hardware target matrix: which backends to use, and what hardware measures it."""
+    """One row of the hardware target matrix: what hardware measures it. Which backends serve it, each backend
+    declares itself (``Backend.targets``)."""
 
     name: str
-    primary: tuple[str, ...]
-    secondary: tuple[str, ...]
     requires: str
     notes: str
+
+    @property
+    def primary(self) -> tuple[str, ...]:
+        return _serving(self.name, "primary")
+
+    @property
+    def secondary(self) -> tuple[str, ...]:
+        return _serving(self.name, "secondary")
 
 
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
-        Target("intel-cpu", ("openvino",), ("olive", "onnxruntime"), "an Intel CPU", "NNCF compression"),
-        Target("intel-gpu", ("openvino",), ("olive",), "an Intel GPU (/dev/dri)", "measured only on that hardware"),
-        Target("intel-npu", ("openvino",), ("olive",), "an Intel NPU (/dev/accel)", "measured only on that hardware"),
-        Target(
-            "nvidia-gpu", ("olive", "onnxruntime"), ("llamacpp",), "an NVIDIA GPU (nvidia-smi)",
-            "onnxruntime with the CUDA EP; llamacpp built with CUDA",
-        ),
-        Target("apple-silicon", ("mlx",), ("llamacpp",), "macOS on arm64", "llamacpp with Metal"),
-        Target("arm-cpu", ("llamacpp",), ("openvino",), "an arm64/aarch64 CPU", ""),
-        Target("arm-mobile", ("llamacpp",), ("openvino",), "an arm64/aarch64 CPU", "phone-class device"),
-        Target("cpu", BACKEND_NAMES, (), "any CPU", "the default; what this machine measures"),
+        Target("intel-cpu", "an Intel CPU", "NNCF compression"),
+        Target("intel-gpu", "an Intel GPU (/dev/dri)", "measured only on that hardware"),
+        Target("intel-npu", "an Intel NPU (/dev/accel)", "measured only on that hardware"),
+        Target("nvidia-gpu", "an NVIDIA GPU (nvidia-smi)", "CUDA builds of the runtimes"),
+        Target("apple-silicon", "macOS on arm64", "Metal"),
+        Target("arm-cpu", "an arm64/aarch64 CPU", ""),
+        Target("arm-mobile", "an arm64/aarch64 CPU", "phone-class device"),
+        Target("cpu", "any CPU", "the default; what this machine measures"),
     )
 }
+
+
+def _serving(target: str, rank: str) -> tuple[str, ...]:
+    from mlflow_edge.backends import loadable_backends
+
+    return tuple(b.name for b in loadable_backends() if b.targets.get(target) == rank)
 
 
 def get_target(name: str | Target) -> Target:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
-from mlflow_edge import workflow
-from mlflow_edge.backends.base import Artifact, EdgeError
+from mlflow_edge import artifacts
+from mlflow_edge.backends.base import Artifact
+from mlflow_edge.errors import EdgeError
 from mlflow_edge.evaluation.harness import EvalSettings, Evaluator, relative_metrics
-from mlflow_edge.gates import METRICS
+from mlflow_edge.metrics import METRICS
 
 
 @pytest.fixture(scope="module")
@@ -17,11 +17,11 @@ def evaluated(tiny_source):
     settings = EvalSettings(window=64, windows=2, threads=2, repeats=2, prefill_tokens=64, prompt_tokens=16,
                             decode_tokens=8)
     evaluator = Evaluator(tiny_source, settings)
-    base = workflow.convert(tiny_source, "llamacpp", "f16")
-    artifacts = {q: workflow.quantize(tiny_source, base, q) for q in ("Q2_K", "Q8_0")}
+    base = artifacts.convert(tiny_source, "llamacpp", "f16")
+    quantized = {q: artifacts.quantize(tiny_source, base, q) for q in ("Q2_K", "Q8_0")}
     reference = evaluator.evaluate_reference()
-    results = {q: evaluator.evaluate(a) for q, a in artifacts.items()}
-    yield evaluator, reference, artifacts, results
+    results = {q: evaluator.evaluate(a) for q, a in quantized.items()}
+    yield evaluator, reference, quantized, results
     evaluator.close()
 
 
@@ -45,7 +45,8 @@ def test_lower_precision_diverges_more(evaluated):
     assert results["Q2_K"]["kld_mean"] > results["Q8_0"]["kld_mean"] > 0
     assert results["Q2_K"]["top1_agreement"] <= results["Q8_0"]["top1_agreement"]
     assert results["Q2_K"]["size_mb"] < results["Q8_0"]["size_mb"]
-    assert results["Q8_0"]["bits_per_weight"] == pytest.approx(8 * results["Q8_0"]["size_mb"] * 1e6 / 13763840, rel=1e-6)
+    expected_bits = 8 * results["Q8_0"]["size_mb"] * 1e6 / 13763840
+    assert results["Q8_0"]["bits_per_weight"] == pytest.approx(expected_bits, rel=1e-6)
 
 
 def test_ratios_follow_their_definitions(evaluated):
@@ -66,25 +67,25 @@ def test_memory_is_measured_per_process(evaluated):
 
 
 def test_same_artifact_same_accuracy(evaluated):
-    evaluator, _, artifacts, results = evaluated
-    again = evaluator.evaluate(artifacts["Q8_0"])
+    evaluator, _, quantized, results = evaluated
+    again = evaluator.evaluate(quantized["Q8_0"])
     for metric in ("perplexity", "kld_mean", "kld_p99", "top1_agreement", "size_mb"):
         assert again[metric] == results["Q8_0"][metric], metric
 
 
 def test_broken_artifact_fails_with_one_line(evaluated, tmp_path):
-    evaluator, _, artifacts, _ = evaluated
+    evaluator, _, quantized, _ = evaluated
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"\0" * 4096)
-    broken = dataclasses.replace(artifacts["Q8_0"], path=junk, files=(junk,))
+    broken = dataclasses.replace(quantized["Q8_0"], path=junk, files=(junk,))
     with pytest.raises(EdgeError, match="evaluation failed: llama.cpp cannot load") as info:
         evaluator.evaluate(broken)
     assert "\n" not in str(info.value)
 
 
 def test_unknown_backend_in_artifact_fails(evaluated):
-    evaluator, _, artifacts, _ = evaluated
-    alien = dataclasses.replace(artifacts["Q8_0"], backend="tensorrt")
+    evaluator, _, quantized, _ = evaluated
+    alien = dataclasses.replace(quantized["Q8_0"], backend="tensorrt")
     with pytest.raises(EdgeError, match="unknown backend 'tensorrt'"):
         evaluator.evaluate(alien)
 
@@ -114,9 +115,9 @@ def test_settings_params_name_the_text(tiny_settings):
 
 
 def test_screen_scores_the_first_windows_against_the_same_reference_windows(evaluated):
-    evaluator, reference, artifacts, results = evaluated
-    one = evaluator.screen(artifacts["Q2_K"], windows=1)
-    both = evaluator.screen(artifacts["Q2_K"], windows=5)  # clamped to the 2 windows there are
+    evaluator, reference, quantized, results = evaluated
+    one = evaluator.screen(quantized["Q2_K"], windows=1)
+    both = evaluator.screen(quantized["Q2_K"], windows=5)  # clamped to the 2 windows there are
     assert set(one) == {"perplexity", "kld_mean", "kld_p99", "top1_agreement", "accuracy_retention", "size_mb",
                         "bits_per_weight", "compression_ratio"}
     assert both["perplexity"] == pytest.approx(results["Q2_K"]["perplexity"], rel=1e-4)
@@ -128,15 +129,15 @@ def test_screen_scores_the_first_windows_against_the_same_reference_windows(eval
 
 
 def test_accuracy_only_settings_measure_no_speed(tiny_source, evaluated):
-    _, _, artifacts, results = evaluated
+    _, _, quantized, results = evaluated
     settings = dataclasses.replace(evaluated[0].settings, speed=False)
     evaluator = Evaluator(tiny_source, settings)
     try:
         reference = evaluator.evaluate_reference()
-        metrics = evaluator.evaluate(artifacts["Q8_0"])
+        metrics = evaluator.evaluate(quantized["Q8_0"])
     finally:
         evaluator.close()
-    from mlflow_edge.gates import ACCURACY_SIZE_METRICS
+    from mlflow_edge.metrics import ACCURACY_SIZE_METRICS
 
     assert set(metrics) == set(ACCURACY_SIZE_METRICS) and set(reference) == set(ACCURACY_SIZE_METRICS)
     assert metrics["perplexity"] == pytest.approx(results["Q8_0"]["perplexity"], rel=1e-5)
@@ -148,9 +149,9 @@ def test_smollm2_q2_k_is_worse_than_q8_0(demo_source):
     """The issue's acceptance check on the real SmolLM2-135M."""
     evaluator = Evaluator(demo_source, EvalSettings(window=128, windows=4, repeats=2, decode_tokens=8))
     try:
-        base = workflow.convert(demo_source, "llamacpp", "f16")
-        q2 = evaluator.evaluate(workflow.quantize(demo_source, base, "Q2_K"))
-        q8 = evaluator.evaluate(workflow.quantize(demo_source, base, "Q8_0"))
+        base = artifacts.convert(demo_source, "llamacpp", "f16")
+        q2 = evaluator.evaluate(artifacts.quantize(demo_source, base, "Q2_K"))
+        q8 = evaluator.evaluate(artifacts.quantize(demo_source, base, "Q8_0"))
     finally:
         evaluator.close()
     assert q2["perplexity"] > q8["perplexity"]
@@ -160,6 +161,6 @@ def test_smollm2_q2_k_is_worse_than_q8_0(demo_source):
 
 
 def test_artifact_round_trips_through_json(evaluated):
-    _, _, artifacts, _ = evaluated
-    artifact = artifacts["Q2_K"]
+    _, _, quantized, _ = evaluated
+    artifact = quantized["Q2_K"]
     assert Artifact.from_json(artifact.to_json()) == artifact

@@ -8,12 +8,11 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-
-from mlflow_edge import workflow
+from mlflow_edge import artifacts
 from mlflow_edge.evaluation.data import evaluation_text
 from mlflow_edge.evaluation.mlflow_evaluator import EdgeEvaluator
 from mlflow_edge.flavors import log_artifact_model
-from mlflow_edge.gates import METRICS
+from mlflow_edge.metrics import METRICS
 
 FAST = {"window": 64, "windows": 2, "repeats": 2, "threads": 2, "prefill_tokens": 64, "prompt_tokens": 16,
         "decode_tokens": 8}
@@ -21,8 +20,8 @@ FAST = {"window": 64, "windows": 2, "repeats": 2, "threads": 2, "prefill_tokens"
 
 @pytest.fixture()
 def logged_q8(tracking_uri, tiny_source):
-    base = workflow.convert(tiny_source, "llamacpp", "f16")
-    artifact = workflow.quantize(tiny_source, base, "Q8_0")
+    base = artifacts.convert(tiny_source, "llamacpp", "f16")
+    artifact = artifacts.quantize(tiny_source, base, "Q8_0")
     with mlflow.start_run():
         info = log_artifact_model(artifact)
     return info

@@ -9,10 +9,9 @@ import optuna
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
-
-from mlflow_edge.backends.base import EdgeError
+from mlflow_edge.errors import EdgeError
 from mlflow_edge.search import run_search
-from mlflow_edge.search.study import STALE_REASON, fail_stale_trials, parse_objectives, starting_points
+from mlflow_edge.search.study import fail_stale_trials, parse_objectives, starting_points
 
 GATES = "accuracy_retention>=0.9"
 MODEL_NAME = "tiny-search-edge"
@@ -142,13 +141,14 @@ def test_stale_running_trials_are_failed(tmp_path):
     assert fail_stale_trials(study) == [1]
     states = [t.state for t in study.trials]
     assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
-    assert study.trials[1].user_attrs["error"] == STALE_REASON
+    assert fail_stale_trials(study) == []  # nothing left to fail
 
 
 def test_objectives():
     assert parse_objectives("multi")[0] == ("decode_tok_s", "maximize")
     assert parse_objectives("min:size_mb") == (("size_mb", "minimize"),)
-    assert parse_objectives("multi", accuracy_only=True) == (("size_mb", "minimize"), ("accuracy_retention", "maximize"))
+    expected = (("size_mb", "minimize"), ("accuracy_retention", "maximize"))
+    assert parse_objectives("multi", accuracy_only=True) == expected
     with pytest.raises(EdgeError, match="not measured in the accuracy/size-only mode"):
         parse_objectives("max:decode_tok_s", accuracy_only=True)
 

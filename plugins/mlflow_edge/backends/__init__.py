@@ -1,23 +1,86 @@
-"""Backends by name. A new framework adds one module and one line here."""
+"""Backends, found through the entry-point group ``mlflow_edge.backends`` (name → Backend class).
+
+mlflow-edge registers its own backends there (``setup.cfg``); any installed distribution can add one the same way,
+and every process (the CLI, the evaluation worker, ``mlflow run``) sees the same set. Nothing else in the package
+lists backends by name.
+"""
 
 from __future__ import annotations
 
-import importlib
+import functools
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
+from typing import Any
 
-from mlflow_edge.backends.base import Artifact, Backend, EdgeError, Generation, OptionSpec, Runner
+from mlflow_edge.backends.base import Artifact, Backend, Generation, OptionSpec, Runner
+from mlflow_edge.errors import EdgeError, first_line
 
-BACKENDS: dict[str, str] = {
-    "llamacpp": "mlflow_edge.backends.llamacpp:LlamaCppBackend",
-    "openvino": "mlflow_edge.backends.openvino:OpenVINOBackend",
-}
+ENTRY_POINT_GROUP = "mlflow_edge.backends"
 
-__all__ = ["Artifact", "Backend", "BACKENDS", "EdgeError", "Generation", "OptionSpec", "Runner", "get_backend"]
+__all__ = ["Artifact", "Backend", "ENTRY_POINT_GROUP", "EdgeError", "Generation", "OptionSpec", "Runner",
+           "backend_for_format", "backend_names", "get_backend", "open_local_artifact"]
+
+
+@functools.cache
+def _entry_points() -> dict[str, EntryPoint]:
+    found: dict[str, EntryPoint] = {}
+    for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        found.setdefault(entry.name, entry)  # the first distribution to claim a name keeps it
+    return found
+
+
+def backend_names() -> tuple[str, ...]:
+    """Names of every registered backend (installed framework or not), sorted."""
+    return tuple(_entry_points())
+
+
+@functools.cache
+def _backend_class(name: str) -> type:
+    try:
+        entry = _entry_points()[name]
+    except KeyError:
+        raise EdgeError(f"unknown backend '{name}' (choose from {', '.join(backend_names()) or 'none'})") from None
+    try:
+        backend_class = entry.load()
+    except Exception as exc:  # a third-party plugin that does not import: name it, do not crash the caller
+        raise EdgeError(f"backend '{name}' ({entry.value}) cannot be loaded: {first_line(exc)}") from exc
+    if getattr(backend_class, "name", None) != name:
+        raise EdgeError(f"backend entry point '{name}' points to {entry.value}, whose name is "
+                        f"'{getattr(backend_class, 'name', None)}'")
+    return backend_class
 
 
 def get_backend(name: str) -> Backend:
     """The backend registered under ``name``."""
-    try:
-        module_name, class_name = BACKENDS[name].split(":")
-    except KeyError:
-        raise EdgeError(f"unknown backend '{name}' (choose from {', '.join(BACKENDS)})") from None
-    return getattr(importlib.import_module(module_name), class_name)()
+    return _backend_class(name)()
+
+
+def loadable_backends() -> tuple[Backend, ...]:
+    """Every registered backend whose module imports (its framework may still be missing)."""
+    found = []
+    for name in backend_names():
+        try:
+            found.append(get_backend(name))
+        except EdgeError:
+            continue
+    return tuple(found)
+
+
+def backend_for_format(artifact_format: str) -> Backend:
+    """The first registered backend writing ``artifact_format`` (the conventions' ``format`` param)."""
+    for backend in loadable_backends():
+        if backend.format == artifact_format:
+            return backend
+    known = sorted({b.format for b in loadable_backends()})
+    raise EdgeError(f"no backend writes format '{artifact_format}' (known: {', '.join(known) or 'none'})")
+
+
+def open_local_artifact(path: Path, source: Any) -> Artifact:
+    """A model file or folder on disk as an :class:`Artifact` of the backend that recognizes it."""
+    if not path.exists():
+        raise EdgeError(f"no such file or folder: {path}")
+    for backend in loadable_backends():
+        artifact = backend.open_artifact(path.resolve(), source)
+        if artifact is not None:
+            return artifact
+    raise EdgeError(f"{path} is no model file or folder of a registered backend ({', '.join(backend_names())})")

@@ -20,10 +20,6 @@ if TYPE_CHECKING:
     from mlflow_edge.sources import SourceModel
 
 
-class EdgeError(Exception):
-    """A user-facing error: the message is one line that names the problem."""
-
-
 def option_bool(value: Any) -> bool:
     """A boolean backend option, from the CLI or MLproject (``"true"``, ``"1"``, ``"on"``) or from code."""
     if isinstance(value, str):
@@ -112,10 +108,27 @@ class OptionSpec:
 
 
 class Backend(Protocol):
-    """One framework: convert, quantize, load."""
+    """One framework: convert, quantize, load; registered in the entry-point group ``mlflow_edge.backends``.
+
+    The class attributes declare what the rest of mlflow-edge derives from: the CLI's choices, the target matrix,
+    which flavor logs an artifact, what ``sweep`` tries, what a logged model's environment installs.
+    """
 
     name: ClassVar[str]
+    """The entry-point name; also the prefix of its params (``<name>.<option>``)."""
     format: ClassVar[str]
+    """The conventions' ``format`` param of its artifacts (``gguf``, ``openvino_ir``, …)."""
+    flavor: ClassVar[str]
+    """Import path of the MLflow flavor module that logs and loads its artifacts."""
+    requirements: ClassVar[tuple[str, ...]]
+    """pip distributions its runtime needs to load and run an artifact (pinned to the installed versions when a
+    model is logged)."""
+    targets: ClassVar[Mapping[str, str]]
+    """Hardware targets it serves: target name → ``"primary"`` or ``"secondary"`` (the CONVENTIONS matrix)."""
+    base_precision: ClassVar[str]
+    """The conversion precision quantization starts from by default (``f16``)."""
+    sweep_types: ClassVar[tuple[str, ...]]
+    """Quantization precisions ``mlflow-edge sweep`` tries when none are given."""
 
     def convert_precisions(self) -> Sequence[str]:
         """Precisions ``convert`` writes directly from the HF checkpoint (e.g. ``f16``)."""
@@ -155,6 +168,11 @@ class Backend(Protocol):
 
     def unsupported_reason(self, source: "SourceModel") -> str | None:
         """``None`` when this framework can convert ``source``'s architecture, else a one-line reason."""
+        ...
+
+    def open_artifact(self, path: Path, source: "SourceModel") -> Artifact | None:
+        """``path`` (a file or folder on disk) as an artifact of this backend's format, converted from ``source``;
+        ``None`` when it is not of this format; :class:`EdgeError` when it is but is corrupt."""
         ...
 
     def starting_points(self) -> Sequence[Mapping[str, Any]]:

@@ -23,7 +23,8 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from mlflow_edge import cache
-from mlflow_edge.backends.base import Artifact, EdgeError, Generation, OptionSpec, option_bool
+from mlflow_edge.backends.base import Artifact, Generation, OptionSpec, option_bool
+from mlflow_edge.errors import EdgeError
 
 CONVERT_PRECISIONS = ("f32", "f16", "bf16", "q8_0")
 # llama-quantize refuses these without an importance matrix
@@ -64,6 +65,14 @@ class LlamaCppBackend:
 
     name: ClassVar[str] = "llamacpp"
     format: ClassVar[str] = "gguf"
+    flavor: ClassVar[str] = "mlflow_edge.flavors.gguf"
+    requirements: ClassVar[tuple[str, ...]] = ("llama-cpp-python",)
+    targets: ClassVar[Mapping[str, str]] = {
+        "cpu": "primary", "arm-cpu": "primary", "arm-mobile": "primary",
+        "nvidia-gpu": "secondary", "apple-silicon": "secondary",  # llama.cpp built with CUDA / Metal
+    }
+    base_precision: ClassVar[str] = "f16"
+    sweep_types: ClassVar[tuple[str, ...]] = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_1", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 
     def convert_precisions(self) -> Sequence[str]:
         return CONVERT_PRECISIONS
@@ -92,6 +101,16 @@ class LlamaCppBackend:
             return None
         return (f"llama.cpp's convert_hf_to_gguf.py ({len(known)} architectures) cannot convert "
                 f"{source.architecture}")
+
+    def open_artifact(self, path: Path, source: Any) -> Artifact | None:
+        if not (path.is_file() and path.suffix.lower() == ".gguf"):
+            return None
+        from mlflow_edge.sources import validate_gguf
+
+        validate_gguf(path)
+        return Artifact(path=path, backend=self.name, format=self.format, precision=path.stem.split(".")[-1],
+                        source_name=source.name, source_sha256=source.sha256, num_parameters=source.num_parameters,
+                        files=(path,))
 
     def starting_points(self) -> Sequence[Mapping[str, Any]]:
         return ({"llamacpp.precision": "Q4_K_M", "llamacpp.imatrix": False},)  # llama.cpp's recommended default
@@ -153,12 +172,14 @@ class LlamaCppBackend:
             raise EdgeError(f"unknown GGUF quantization type '{precision}' (choose from {', '.join(types)})")
         use_imatrix = option_bool(options.get("imatrix", False))
         if qtype in IMATRIX_REQUIRED and not use_imatrix:
-            raise EdgeError(f"{qtype} needs an importance matrix: set llamacpp.imatrix=true (computed from calibration text)")
+            raise EdgeError(f"{qtype} needs an importance matrix: set llamacpp.imatrix=true "
+                            "(computed from calibration text)")
         for key in ("output_tensor_type", "token_embedding_type"):
             if options.get(key):
                 ggml_type_id(options[key])  # validate early
         if _is_quantized(base) and not option_bool(options.get("allow_requantize", False)):
-            raise EdgeError(f"{base.path.name} is already quantized ({base.precision}); set llamacpp.allow_requantize=true")
+            raise EdgeError(f"{base.path.name} is already quantized ({base.precision}); "
+                            "set llamacpp.allow_requantize=true")
         out_dir.mkdir(parents=True, exist_ok=True)
         imatrix_path = None
         recorded = {k: v for k, v in options.items() if v not in (None, "", False, 0) or k == "imatrix"}
@@ -174,7 +195,8 @@ class LlamaCppBackend:
             )
             imatrix_path = out_dir / "imatrix.gguf"
             shutil.copyfile(cached / "imatrix.gguf", imatrix_path)
-            recorded.update({"imatrix_chunks": chunks, "calib.dataset": calibration.label, "calib.sha256": calibration.sha256})
+            recorded.update({"imatrix_chunks": chunks, "calib.dataset": calibration.label,
+                             "calib.sha256": calibration.sha256})
         spec = {
             "input": str(base.path),
             "output": str(out_dir / (_GGUF_NAME + ".partial")),
@@ -183,8 +205,8 @@ class LlamaCppBackend:
             "allow_requantize": option_bool(options.get("allow_requantize", False)),
             "pure": option_bool(options.get("pure", False)),
             "quantize_output_tensor": not option_bool(options.get("leave_output_tensor", False)),
-            "output_tensor_type": ggml_type_id(options["output_tensor_type"]) if options.get("output_tensor_type") else None,
-            "token_embedding_type": ggml_type_id(options["token_embedding_type"]) if options.get("token_embedding_type") else None,
+            "output_tensor_type": _tensor_type(options, "output_tensor_type"),
+            "token_embedding_type": _tensor_type(options, "token_embedding_type"),
             "imatrix": str(imatrix_path) if imatrix_path else None,
         }
         partial = Path(spec["output"])
@@ -210,6 +232,10 @@ class LlamaCppBackend:
     # -- load ----------------------------------------------------------------------------------------------------
     def load(self, artifact: Artifact, threads: int, context_tokens: int) -> "LlamaCppRunner":
         return LlamaCppRunner(artifact.path, threads=threads, context_tokens=context_tokens)
+
+
+def _tensor_type(options: Mapping[str, Any], key: str) -> int | None:
+    return ggml_type_id(options[key]) if options.get(key) else None
 
 
 def _is_quantized(artifact: Artifact) -> bool:
@@ -301,9 +327,11 @@ class LlamaCppRunner:
 
 # -- llama.cpp's converter, from the llama-cpp-python sdist ------------------------------------------------------
 def converter_dir() -> Path:
-    """``vendor/llama.cpp`` scripts (converter, ``conversion/``, ``gguf-py``) of the installed llama-cpp-python sdist."""
+    """``vendor/llama.cpp`` scripts (converter, ``conversion/``, ``gguf-py``) of the installed llama-cpp-python
+    sdist."""
     version = require_llama_cpp().__version__
-    return cache.get_or_build("llama.cpp-scripts", {"llama_cpp_python": version}, lambda tmp: _extract_scripts(version, tmp))
+    return cache.get_or_build("llama.cpp-scripts", {"llama_cpp_python": version},
+                              lambda tmp: _extract_scripts(version, tmp))
 
 
 def supported_architectures() -> frozenset[str]:

@@ -51,7 +51,8 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from mlflow_edge.backends.base import Artifact, EdgeError, Generation, OptionSpec, option_bool
+from mlflow_edge.backends.base import Artifact, Generation, OptionSpec, option_bool
+from mlflow_edge.errors import EdgeError
 
 MODEL_XML = "openvino_model.xml"
 MODEL_BIN = "openvino_model.bin"
@@ -133,6 +134,14 @@ class OpenVINOBackend:
 
     name: ClassVar[str] = "openvino"
     format: ClassVar[str] = "openvino_ir"
+    flavor: ClassVar[str] = "mlflow_edge.flavors.openvino"
+    requirements: ClassVar[tuple[str, ...]] = ("openvino", "transformers")  # the runtime, and the HF tokenizer
+    targets: ClassVar[Mapping[str, str]] = {
+        "cpu": "primary", "intel-cpu": "primary", "intel-gpu": "primary", "intel-npu": "primary",
+        "arm-cpu": "secondary", "arm-mobile": "secondary",
+    }
+    base_precision: ClassVar[str] = "f16"
+    sweep_types: ClassVar[tuple[str, ...]] = ("INT8_SYM", "INT8_ASYM", "INT4_SYM", "INT4_ASYM", "NF4")
 
     def convert_precisions(self) -> Sequence[str]:
         return CONVERT_PRECISIONS
@@ -183,6 +192,14 @@ class OpenVINOBackend:
 
     def unsupported_reason(self, source: Any) -> str | None:
         return exportable_reason(source)
+
+    def open_artifact(self, path: Path, source: Any) -> Artifact | None:
+        xml = model_xml(path)
+        if xml.name != MODEL_XML or not xml.is_file():
+            return None
+        model = _read_model(xml)  # a corrupt IR is refused here, in one line
+        return self._artifact(xml.parent, _dominant_weight_type(model), source.name, source.sha256,
+                              source.num_parameters, {})
 
     def starting_points(self) -> Sequence[Mapping[str, Any]]:
         # optimum-intel's own defaults: int8 weights (load_in_8bit), and int4 asym, group 64, ratio 0.8 with AWQ
@@ -360,6 +377,16 @@ def _read_model(path: Path) -> Any:
         return ov.Core().read_model(str(xml))
     except Exception as exc:
         raise EdgeError(f"OpenVINO cannot read {xml}: {_first_line(exc)}") from exc
+
+
+def _dominant_weight_type(model: Any) -> str:
+    """The element type holding most constant bytes of ``model`` (``f16``, ``u8``, ``u4`` …): a local IR's precision."""
+    totals: dict[str, int] = {}
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "Constant":
+            element = op.get_output_element_type(0)
+            totals[element.get_type_name()] = totals.get(element.get_type_name(), 0) + op.get_byte_size()
+    return max(totals, key=totals.__getitem__) if totals else "unknown"
 
 
 def _needs_data(options: Mapping[str, Any]) -> bool:

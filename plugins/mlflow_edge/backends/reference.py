@@ -8,7 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
-from mlflow_edge.backends.base import EdgeError, Generation
+from mlflow_edge.backends.base import Generation
+from mlflow_edge.errors import EdgeError
 
 
 class TransformersRunner:

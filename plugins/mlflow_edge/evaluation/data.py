@@ -13,7 +13,7 @@ import hashlib
 from importlib import resources
 from pathlib import Path
 
-from mlflow_edge.backends.base import EdgeError
+from mlflow_edge.errors import EdgeError
 
 BUILTIN_DATASET = "wikitext-2"
 _BUILTIN_FILE = "wikitext2_test_head.txt"

@@ -22,9 +22,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from mlflow_edge import cache
-from mlflow_edge.backends.base import Artifact, EdgeError
+from mlflow_edge.backends.base import Artifact
+from mlflow_edge.errors import EdgeError
 from mlflow_edge.evaluation.data import TextSlice, evaluation_text
-from mlflow_edge.gates import ACCURACY_SIZE_METRICS
+from mlflow_edge.metrics import ACCURACY_SIZE_METRICS
 from mlflow_edge.sources import SourceModel
 
 REFERENCE = "reference"

@@ -33,7 +33,7 @@ from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
 from mlflow.models.evaluation.base import EvaluationResult, ModelEvaluator
 from mlflow.tracking import MlflowClient
 
-from mlflow_edge.backends.base import EdgeError
+from mlflow_edge.errors import EdgeError
 
 SOURCE_KEY = "source"
 SETTING_KEYS = ("window", "windows", "threads", "repeats", "prefill_tokens", "prompt_tokens", "decode_tokens")
@@ -69,9 +69,9 @@ class EdgeEvaluator(ModelEvaluator):
         from mlflow_edge import flavors
         from mlflow_edge.evaluation.data import evaluation_text
         from mlflow_edge.evaluation.harness import EvalSettings, Evaluator
+        from mlflow_edge.runs import artifact_params
         from mlflow_edge.sources import resolve_source
         from mlflow_edge.targets import get_target
-        from mlflow_edge.workflow import artifact_params
 
         unknown = sorted(set(config) - KNOWN_KEYS)
         if unknown:

@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mlflow_edge.backends.base import Artifact, EdgeError, Runner
+from mlflow_edge.backends.base import Artifact, Runner
+from mlflow_edge.errors import EdgeError
 from mlflow_edge.evaluation.accuracy import AccuracyAccumulator, ReferenceLogprobs
 
 _REF_LOGPROBS, _REF_ARGMAX = "logprobs.npy", "argmax.npy"

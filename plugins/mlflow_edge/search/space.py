@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import optuna
 
-from mlflow_edge.backends import BACKENDS, get_backend
+from mlflow_edge.backends import backend_names, get_backend
 from mlflow_edge.sources import SourceModel
 from mlflow_edge.targets import recommended_backends
 
@@ -26,7 +26,7 @@ def backends_for(target: str) -> tuple[str, ...]:
     """The registered and installed backends recommended for ``target`` (:class:`EdgeError` for an unknown target)."""
     installed = []
     for name in recommended_backends(target):
-        if name not in BACKENDS:
+        if name not in backend_names():
             continue
         try:
             get_backend(name).versions()

@@ -4,9 +4,9 @@ One parent MLflow run (role ``study``) holds the reference run and one nested ru
 tagged ``mlflow_edge.trial`` and ``optuna.study``). Gates are Optuna constraints (one value per gate group, ``<= 0``
 when the group passes, set with ``Trial.set_constraint``), so the Pareto front (``study.best_trials``) holds only
 feasible trials. Evaluation is cheap-first: a trial whose accuracy on the first windows already fails a gate is
-pruned before its timed runs, and a trial that repeats an earlier one's parameters reuses its result. The study lives in an
-Optuna RDB store (default ``optuna.db`` next to the MLflow sqlite store), so a second call with the same study name
-resumes it and only runs what is left of the ``trials`` budget::
+pruned before its timed runs, and a trial that repeats an earlier one's parameters reuses its result. The study lives
+in an Optuna RDB store (default ``optuna.db`` next to the MLflow sqlite store), so a second call with the same study
+name resumes it and only runs what is left of the ``trials`` budget::
 
     from mlflow_edge.search import run_search
 
@@ -34,18 +34,26 @@ from mlflow import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
 from mlflow_edge import registry
+from mlflow_edge.artifacts import convert, quantize
 from mlflow_edge.backends import get_backend
-from mlflow_edge.backends.base import EdgeError
+from mlflow_edge.errors import EdgeError
 from mlflow_edge.evaluation.data import TextSlice, calibration_text, check_disjoint
 from mlflow_edge.evaluation.harness import EvalSettings, Evaluator
-from mlflow_edge.gates import ACCURACY_SIZE_METRICS, METRICS, Gates, parse_gates
+from mlflow_edge.gates import Gates, parse_gates
+from mlflow_edge.metrics import ACCURACY_SIZE_METRICS, METRICS
+from mlflow_edge.runs import (
+    ERROR_TAG,
+    evaluate_candidate,
+    evaluate_reference,
+    log_new_params,
+    progress,
+    promote_study,
+    run_tags,
+    tracked_run,
+)
 from mlflow_edge.search.space import backends_for, backends_for_model, suggest
 from mlflow_edge.sources import SourceModel, resolve_source
 from mlflow_edge.targets import get_target, is_measurable
-from mlflow_edge.workflow import (
-    ERROR_TAG, base_precision, convert, evaluate_candidate, evaluate_reference, log_new_params, progress,
-    promote_study, quantize, run_tags, tracked_run,
-)
 
 MULTI_OBJECTIVE: tuple[tuple[str, str], ...] = (
     ("decode_tok_s", "maximize"), ("size_mb", "minimize"), ("accuracy_retention", "maximize"),
@@ -88,12 +96,12 @@ def default_storage() -> str:
 
 
 def fail_stale_trials(study: optuna.Study) -> list[int]:
-    """Mark trials left RUNNING (by a stopped process) FAIL; return their numbers."""
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for trial in stale:
-        study._storage.set_trial_user_attr(trial._trial_id, "error", STALE_REASON)
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-    return [t.number for t in stale]
+    """Mark trials left RUNNING (by a stopped process) FAIL through ``study.tell``; return their numbers. Their MLflow
+    runs get the reason (:data:`STALE_REASON`)."""
+    stale = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    for number in stale:
+        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+    return stale
 
 
 def _fail_stale_runs(experiment_id: str, study_name: str, current_run: str) -> None:
@@ -202,9 +210,10 @@ class Objective:
         tags = {**run_tags(self.target, self.study_name, "candidate", [backend]),
                 "mlflow_edge.trial": str(trial.number), "optuna.study": self.study_name}
         try:
-            with tracked_run(f"trial-{trial.number}-{precision}", nested=True, tags=tags) as run:
+            with tracked_run(f"trial-{trial.number}-{precision}", nested=True, tags=tags,
+                             stopped_early=(optuna.TrialPruned,)) as run:
                 trial.set_user_attr("run_id", run.info.run_id)
-                base = convert(self.source, backend, base_precision(backend))
+                base = convert(self.source, backend)
                 artifact = quantize(self.source, base, precision, options, self.calibration)
                 self._screen(trial, artifact)
                 metrics = evaluate_candidate(self.evaluator, artifact, self.gates, self.target,
@@ -268,12 +277,13 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
                registered_model: str | None = None, settings: EvalSettings | None = None,
                calibration_path: str | None = None, experiment: str | None = None, accuracy_only: bool = False,
                screen_windows: int | None = None, prune_margin: float = 0.02,
-               run_name: str = "search") -> dict[str, Any]:
+               run_name: str = "search", backends: Sequence[str] | None = None) -> dict[str, Any]:
     """Search the target's installed backends with Optuna for ``trials`` trials (or ``timeout`` seconds), log every
     trial as a nested MLflow run, the Pareto front on the parent, and promote the best feasible one by ``policy``.
 
     ``accuracy_only`` is the explicit mode for a target whose hardware this machine lacks: nothing is timed, the
     objectives, gates and policy use accuracy and size alone (gates on other metrics are dropped and listed).
+    ``backends`` narrows the search to some of the target's installed backends.
     ``screen_windows`` (default: a quarter of the evaluation windows; 0 disables) is the cheap first slice that can
     prune a trial before its timed runs. Returns ``{"study", "storage", "run_id", "trials", "new_trials", "pareto",
     "promotion"}``.
@@ -297,7 +307,7 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
     if accuracy_only and not set(promotion_policy.metrics) <= set(ACCURACY_SIZE_METRICS):
         raise EdgeError(f"policy '{policy}' needs metrics the accuracy/size-only mode does not measure")
     goals = parse_objectives(objectives, accuracy_only)
-    backends = backends_for(target)
+    backends = _chosen_backends(target, backends)
     if not backends:
         raise EdgeError(f"no installed backend for target '{target}' (it recommends "
                         f"{', '.join(target_spec.primary + target_spec.secondary)})")
@@ -332,7 +342,7 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
                         "policy": policy, "seed": seed, "study": name, "accuracy_only": accuracy_only,
                         "screen_windows": screen_windows, "prune_margin": prune_margin, **settings.params()})
         for backend in backends:  # convert once per (source, backend); every trial reuses it from the cache
-            base = convert(source, backend, base_precision(backend))
+            base = convert(source, backend)
             progress(f"base {backend} {base.precision}: {base.size_bytes / 1e6:.1f} MB")
         study = open_study(storage_url, name, goals, objectives)
         stale = fail_stale_trials(study)
@@ -375,6 +385,16 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
         return {"study": name, "storage": storage_url, "run_id": parent.info.run_id, "trials": len(study.trials),
                 "new_trials": len(study.trials) - before, "pareto": table.to_dict("records"),
                 "promotion": promotion.describe()}
+
+
+def _chosen_backends(target: str, chosen: Sequence[str] | None) -> tuple[str, ...]:
+    installed = backends_for(target)
+    if not chosen:
+        return installed
+    if unknown := [b for b in chosen if b not in installed]:
+        raise EdgeError(f"backend(s) {', '.join(unknown)} cannot search target '{target}' here "
+                        f"(installed for it: {', '.join(installed) or 'none'})")
+    return tuple(dict.fromkeys(chosen))
 
 
 def starting_points(backends: Sequence[str]) -> list[dict[str, Any]]:

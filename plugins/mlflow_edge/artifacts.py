@@ -1,0 +1,64 @@
+"""Conversions and quantizations through the content-addressed cache: nothing is converted twice."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from mlflow_edge import cache
+from mlflow_edge.backends import get_backend
+from mlflow_edge.backends.base import Artifact
+from mlflow_edge.errors import EdgeError
+from mlflow_edge.evaluation.data import TextSlice
+from mlflow_edge.sources import SourceModel
+
+
+def _cached_artifact(kind: str, key: Mapping[str, Any], build: Callable[[Path], Artifact]) -> Artifact:
+    def build_into(tmp: Path) -> None:
+        artifact = build(tmp)
+        data = json.loads(artifact.to_json())
+        data["path"] = str(Path(data["path"]).relative_to(tmp))
+        data["files"] = [str(Path(f).relative_to(tmp)) for f in data["files"]]
+        (tmp / "artifact.json").write_text(json.dumps(data, sort_keys=True))
+
+    folder = cache.get_or_build(kind, key, build_into)
+    data = json.loads((folder / "artifact.json").read_text())
+    data["path"] = str(folder / data["path"])
+    data["files"] = [str(folder / f) for f in data["files"]]
+    return Artifact.from_json(json.dumps(data))
+
+
+def convert(source: SourceModel, backend: str, precision: str | None = None) -> Artifact:
+    """``source`` in ``backend``'s format at ``precision`` (default: the backend's ``base_precision``), cached by source
+    hash, precision and framework version."""
+    impl = get_backend(backend)
+    precision = precision or impl.base_precision
+    reason = impl.unsupported_reason(source)
+    if reason:
+        raise EdgeError(f"unsupported architecture: {reason}")
+    key = {"source": source.sha256, "backend": backend, "format": impl.format, "precision": precision.lower(),
+           "versions": impl.versions()}
+    return _cached_artifact(f"convert-{backend}", key, lambda tmp: impl.convert(source, tmp, precision))
+
+
+def quantize(source: SourceModel, base: Artifact, precision: str, options: Mapping[str, Any] | None = None,
+             calibration: TextSlice | None = None) -> Artifact:
+    """``base`` quantized to ``precision`` with ``options`` (cached by all of those and the calibration text)."""
+    impl = get_backend(base.backend)
+    options = dict(options or {})
+    key = {"source": source.sha256, "base": base.precision, "backend": base.backend, "format": impl.format,
+           "precision": precision.upper(),
+           "options": options, "calibration": calibration.sha256 if calibration else None,
+           "versions": impl.versions()}
+    return _cached_artifact(
+        f"quantize-{base.backend}", key,
+        lambda tmp: impl.quantize(base, tmp, precision, options, calibration=calibration, source=source),
+    )
+
+
+def export_copy(artifact: Artifact, output_dir: Path | None) -> None:
+    if output_dir is not None:
+        for file in artifact.files:
+            shutil.copyfile(file, output_dir / f"{artifact.source_name}.{artifact.precision}{file.suffix}")

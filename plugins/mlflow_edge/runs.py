@@ -1,0 +1,138 @@
+"""MLflow run helpers shared by the flows and the search: runs that end FAILED with a one-line reason, the conventions'
+tags and params, and the logging of a measured artifact. Knows no search library and no framework.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+
+import mlflow
+
+from mlflow_edge import flavors
+from mlflow_edge.backends import get_backend
+from mlflow_edge.backends.base import Artifact
+from mlflow_edge.errors import EdgeError
+from mlflow_edge.targets import framework_versions, hardware_fingerprint
+
+if TYPE_CHECKING:
+    from mlflow_edge.evaluation.harness import Evaluator
+    from mlflow_edge.gates import Gates
+    from mlflow_edge.registry import Policy
+    from mlflow_edge.sources import SourceModel
+
+DEFAULT_EXPERIMENT = "mlflow-edge"
+ERROR_TAG = "mlflow_edge.error"
+PRUNED_TAG = "mlflow_edge.pruned"
+
+
+def progress(message: str) -> None:
+    print(f"[mlflow-edge {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- runs --------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def tracked_run(run_name: str, experiment: str | None = None, nested: bool = False,
+                tags: Mapping[str, str] | None = None,
+                stopped_early: tuple[type[BaseException], ...] = ()) -> Iterator[mlflow.ActiveRun]:
+    """A run that ends FAILED with the reason tagged when the body raises; resumes the run ``mlflow run`` made.
+
+    An exception of a class in ``stopped_early`` (a search pruning a candidate on purpose) ends it KILLED instead,
+    tagged ``mlflow_edge.pruned`` with the reason.
+    """
+    if not nested and mlflow.active_run() is None and "MLFLOW_RUN_ID" not in os.environ:
+        mlflow.set_experiment(experiment or DEFAULT_EXPERIMENT)
+    run = mlflow.start_run(run_name=None if (not nested and "MLFLOW_RUN_ID" in os.environ) else run_name,
+                           nested=nested, tags=dict(tags or {}))
+    try:
+        yield run
+    except stopped_early as exc:
+        mlflow.set_tag(PRUNED_TAG, str(exc)[:5000] or "pruned")
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException as exc:
+        reason = str(exc) if isinstance(exc, EdgeError) else f"{type(exc).__name__}: {exc}"
+        mlflow.set_tag(ERROR_TAG, reason.splitlines()[0][:5000] if reason else type(exc).__name__)
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+def log_new_params(params: Mapping[str, Any]) -> None:
+    """Log ``params`` on the active run, skipping keys already there (``mlflow run`` logs its own parameters)."""
+    run = mlflow.active_run()
+    existing = mlflow.get_run(run.info.run_id).data.params if run else {}
+    mlflow.log_params({k: v for k, v in params.items() if k not in existing})
+
+
+def run_tags(target: str, study: str, role: str, backends: Sequence[str] = ()) -> dict[str, str]:
+    """The conventions' tags: target, study, role, hardware fingerprint and framework versions."""
+    tags = {"mlflow_edge.target": target, "mlflow_edge.study": study, "mlflow_edge.role": role}
+    tags.update(hardware_fingerprint())
+    tags.update(framework_versions())
+    for name in backends:
+        tags.update({f"version.{k}": v for k, v in get_backend(name).versions().items()})
+    return tags
+
+
+def artifact_params(artifact: Artifact, target: str) -> dict[str, Any]:
+    params: dict[str, Any] = {"backend": artifact.backend, "format": artifact.format, "precision": artifact.precision,
+                              "target": target, "source": artifact.source_name, "source.sha256": artifact.source_sha256}
+    for key, value in artifact.options.items():
+        params[key if key.startswith("calib.") else f"{artifact.backend}.{key}"] = value
+    return params
+
+
+# -- logging ------------------------------------------------------------------------------------------------------
+def log_model_with_metrics(artifact: Artifact, metrics: Mapping[str, float] | None = None) -> str:
+    """Log ``artifact`` as a model of its flavor in the active run, with ``metrics`` on the run and on the model."""
+    info = flavors.log_artifact_model(artifact, name="model")
+    if metrics:
+        mlflow.log_metrics(dict(metrics))
+        mlflow.log_metrics(dict(metrics), model_id=info.model_id)
+    mlflow.set_tag("mlflow_edge.model_uri", info.model_uri)
+    return info.model_uri
+
+
+def evaluate_reference(evaluator: "Evaluator", target: str, study: str) -> dict[str, float]:
+    """A nested run for the reference (the source model in ``transformers``)."""
+    with tracked_run("reference", nested=True, tags=run_tags(target, study, "reference")):
+        progress(f"measuring the reference ({evaluator.source.name}, transformers fp32)")
+        metrics = evaluator.evaluate_reference()
+        mlflow.log_params({"backend": "transformers", "format": "safetensors", "precision": "fp32", "target": target,
+                           "source": evaluator.source.name, "source.sha256": evaluator.source.sha256,
+                           **evaluator.settings.params()})
+        mlflow.log_metrics(metrics)
+    return metrics
+
+
+def evaluate_candidate(evaluator: "Evaluator", artifact: Artifact, gates: "Gates", target: str,
+                       study: str) -> dict[str, Any]:
+    """Measure ``artifact``, check the gates, log params, metrics, tags and the model in the active run."""
+    metrics = evaluator.evaluate(artifact)
+    report = gates.check(metrics)
+    mlflow.log_params({**artifact_params(artifact, target), **evaluator.settings.params()})
+    mlflow.set_tags(report.as_tags())
+    model_uri = log_model_with_metrics(artifact, metrics)
+    speed = f", decode {metrics['decode_tok_s']:.1f} tok/s" if "decode_tok_s" in metrics else ""
+    progress(f"{artifact.precision}: size {metrics['size_mb']:.1f} MB, ppl {metrics['perplexity']:.3f}, "
+             f"KLD {metrics['kld_mean']:.4f}{speed}, gates {report.describe()}")
+    return {"metrics": metrics, "report": report, "model_uri": model_uri}
+
+
+def promote_study(parent: mlflow.ActiveRun, study: str, source: "SourceModel", target: str, gates: "Gates",
+                  policy: "str | Policy", registered_model: str | None):
+    """Promote the best feasible candidate of ``study`` and record the outcome on the parent run."""
+    from mlflow_edge import registry
+
+    promotion = registry.promote(
+        experiment_ids=[parent.info.experiment_id], study=study, target=target, gates=gates, policy=policy,
+        registered_model=registered_model or f"{source.name}-edge",
+    )
+    progress(promotion.describe())
+    mlflow.set_tags({"mlflow_edge.promotion": promotion.describe()[:5000]})
+    return promotion
