@@ -15,16 +15,27 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence, ru
 
 import numpy as np
 
+from mlflow_edge.errors import EdgeError
+
 if TYPE_CHECKING:
     from mlflow_edge.evaluation.data import TextSlice
     from mlflow_edge.sources import SourceModel
 
 
+_TRUE, _FALSE = frozenset({"1", "true", "yes", "on"}), frozenset({"0", "false", "no", "off"})
+
+
 def option_bool(value: Any) -> bool:
-    """A boolean backend option, from the CLI or MLproject (``"true"``, ``"1"``, ``"on"``) or from code."""
-    if isinstance(value, str):
-        return value.strip().lower() in {"1", "true", "yes", "on"}
-    return bool(value)
+    """A boolean backend option, from the CLI or MLproject (``"true"``, ``"1"``, ``"on"``, ``"false"`` …) or from
+    code; anything else (``"ture"``) is an :class:`EdgeError`, never silently false."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise EdgeError(f"not a boolean: {value!r} (use true or false)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +116,43 @@ class OptionSpec:
     default: Any = None
     choices: tuple[Any, ...] | None = None
     help: str = ""
+
+    def parse(self, value: Any) -> Any:
+        """``value`` (a string from the CLI, or a Python value) as this option's type; :class:`EdgeError` when it is
+        not one, or not among the choices (matched case-insensitively, returned as declared)."""
+        try:
+            if self.type is bool:
+                typed = option_bool(value)
+            elif self.type is int and not isinstance(value, bool):
+                typed = int(str(value).strip()) if isinstance(value, str) else int(value)
+                if isinstance(value, float) and value != typed:
+                    raise ValueError
+            elif self.type is float and not isinstance(value, bool):
+                typed = float(value)
+            else:
+                typed = self.type(value)
+        except (TypeError, ValueError, EdgeError):
+            raise EdgeError(f"option {self.name} must be {_TYPE_WORDS.get(self.type, self.type.__name__)}, "
+                            f"got {value!r}") from None
+        if self.choices is None:
+            return typed
+        for choice in self.choices:
+            if str(choice).lower() == str(typed).lower():
+                return choice
+        raise EdgeError(f"unknown {self.name} {value!r} (choose from {', '.join(map(str, self.choices))})")
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def typed_options(backend: str, specs: Sequence[OptionSpec], options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` checked against a backend's declared ``specs``: unknown names refused, each value parsed to its
+    declared type (``None`` values dropped: the framework's default)."""
+    by_name = {spec.name: spec for spec in specs}
+    given = {k: v for k, v in dict(options or {}).items() if v is not None}
+    if unknown := sorted(set(given) - set(by_name)):
+        raise EdgeError(f"unknown {backend} option(s): {', '.join(unknown)} (choose from {', '.join(by_name)})")
+    return {name: by_name[name].parse(value) for name, value in given.items()}
 
 
 class Backend(Protocol):

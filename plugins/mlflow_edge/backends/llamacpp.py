@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from mlflow_edge import cache
-from mlflow_edge.backends.base import Artifact, Generation, OptionSpec, option_bool
+from mlflow_edge.backends.base import Artifact, Generation, OptionSpec, option_bool, typed_options
 from mlflow_edge.errors import EdgeError
 
 CONVERT_PRECISIONS = ("f32", "f16", "bf16", "q8_0")
@@ -162,10 +162,7 @@ class LlamaCppBackend:
         calibration: Any = None,
         source: Any = None,
     ) -> Artifact:
-        options = dict(options or {})
-        unknown = set(options) - {spec.name for spec in self.option_specs()}
-        if unknown:
-            raise EdgeError(f"unknown llamacpp option(s): {', '.join(sorted(unknown))}")
+        options = typed_options(self.name, self.option_specs(), options)
         types = quant_types()
         qtype = precision.upper()
         if qtype not in types:

@@ -51,7 +51,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from mlflow_edge.backends.base import Artifact, Generation, OptionSpec, option_bool
+from mlflow_edge.backends.base import Artifact, Generation, OptionSpec, option_bool, typed_options
 from mlflow_edge.errors import EdgeError
 
 MODEL_XML = "openvino_model.xml"
@@ -273,15 +273,7 @@ class OpenVINOBackend:
         calibration: Any = None,
         source: Any = None,
     ) -> Artifact:
-        options = {k: v for k, v in dict(options or {}).items() if v is not None}
-        specs = {spec.name: spec for spec in self.option_specs()}
-        unknown = set(options) - set(specs)
-        if unknown:
-            raise EdgeError(f"unknown openvino option(s): {', '.join(sorted(unknown))}")
-        for name, value in options.items():
-            choices = specs[name].choices
-            if choices and str(value).upper() not in {str(c).upper() for c in choices}:
-                raise EdgeError(f"unknown {name} '{value}' (choose from {', '.join(map(str, choices))})")
+        options = typed_options(self.name, self.option_specs(), options)
         precision = precision.upper()
         if precision not in self.quantize_precisions():
             raise EdgeError(f"unknown NNCF precision '{precision}' "
