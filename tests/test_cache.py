@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from mlflow_edge import cache
+from mlflow_edge.errors import EdgeError
 
 
 def write_payload(text: str):
@@ -98,3 +99,13 @@ def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
     empty = tmp_path / "empty.bin"
     empty.write_bytes(b"")
     assert cache.sha256_file(empty) == hashlib.sha256(b"").hexdigest()
+
+
+def test_an_unusable_cache_folder_is_one_line(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("MLFLOW_EDGE_CACHE", str(blocker / "cache"))
+    with pytest.raises(EdgeError) as info:
+        cache.get_or_build("kind", {"k": 1}, lambda tmp: None)
+    assert str(info.value).startswith(f"cache folder {blocker / 'cache' / 'kind'} cannot be created")
+    assert "MLFLOW_EDGE_CACHE" in str(info.value) and "\n" not in str(info.value)

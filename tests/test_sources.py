@@ -192,6 +192,17 @@ def test_folder_without_config_is_refused(tmp_path: Path) -> None:
     assert_one_line_naming(exc, "config.json", str(folder.resolve()))
 
 
+@pytest.mark.parametrize("text", ["{", "[1, 2]", "\xff\xfe"])
+def test_unreadable_config_is_refused(tmp_path: Path, text: str) -> None:
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "config.json").write_text(text, encoding="latin-1")
+    (folder / "model.safetensors").write_bytes(b"")
+    with pytest.raises(EdgeError) as exc:
+        resolve_source(str(folder))
+    assert_one_line_naming(exc, "config.json", str(folder.resolve()))
+
+
 def test_file_that_is_neither_folder_nor_gguf_is_refused(tmp_path: Path) -> None:
     file = tmp_path / "weights.bin"
     file.write_bytes(b"\0" * 16)

@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from mlflow_edge.errors import EdgeError, first_line
+
 
 def cache_root() -> Path:
     """``$MLFLOW_EDGE_CACHE``, else ``~/.cache/mlflow-edge``."""
@@ -47,13 +49,28 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def subfolder(*parts: str) -> Path:
+    """The cache folder ``<root>/<parts…>``, created if needed."""
+    return _usable(cache_root().joinpath(*parts))
+
+
+def _usable(base: Path) -> Path:
+    """``base`` created if needed; an unusable cache folder is a one-line error naming ``$MLFLOW_EDGE_CACHE``."""
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EdgeError(f"cache folder {base} cannot be created ({exc.strerror or first_line(exc)}); "
+                        "set MLFLOW_EDGE_CACHE to a writable folder") from None
+    return base
+
+
 def get_or_build(kind: str, key: Mapping[str, Any], build: Callable[[Path], None], root: Path | None = None) -> Path:
     """Return the cache folder for ``(kind, key)``, calling ``build(tmp_folder)`` first if it does not exist yet."""
     base = (root or cache_root()) / kind
     final = base / key_digest(key)
     if (final / ".complete").exists():
         return final
-    with _locked(base / (final.name + ".lock")):
+    with _locked(_usable(base) / (final.name + ".lock")):
         if (final / ".complete").exists():
             return final
         base.mkdir(parents=True, exist_ok=True)

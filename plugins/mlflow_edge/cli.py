@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import click
 
+from mlflow_edge.backends import backend_names
 from mlflow_edge.errors import EdgeError
 
 
@@ -49,7 +50,8 @@ def _settings(eval_text: str | None, window: int, windows: int, threads: int | N
 _model = click.option("--model", default="demo", show_default=True,
                       help="source: 'demo', a Hugging Face id, a save_pretrained folder or a .gguf file")
 _backend = click.option("--backend", default=None,
-                        help="a registered backend (see quant-types; default: the target's first installed one)")
+                        help=f"one of the registered backends ({', '.join(backend_names())}; default: the target's "
+                             "first installed one)")
 _target = click.option("--target", default="cpu", show_default=True, help="hardware target (see conventions)")
 _experiment = click.option("--experiment", default=None, help="MLflow experiment (default: mlflow-edge)")
 _gates = click.option("--gates", default=None, help="e.g. 'accuracy_retention>=0.95,speedup>=2|compression_ratio>=2'")

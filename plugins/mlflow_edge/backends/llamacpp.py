@@ -344,10 +344,9 @@ def supported_architectures() -> frozenset[str]:
 
 
 def _extract_scripts(version: str, out_dir: Path) -> None:
-    downloads = cache.cache_root() / "downloads"
+    downloads = cache.subfolder("downloads")
     sdist = downloads / f"llama_cpp_python-{version}.tar.gz"
     if not sdist.is_file():
-        downloads.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
                f"llama-cpp-python=={version}", "-d", str(downloads)]
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -115,7 +115,7 @@ class Evaluator:
 
     def evaluate_reference(self) -> dict[str, float]:
         """Measure the source model itself; its metrics are the baseline of every ratio."""
-        self._reference_dir.mkdir(parents=True, exist_ok=True)
+        cache.subfolder("reference", self._reference_dir.name)
         measured = self._run_child({
             "kind": REFERENCE,
             "source_path": str(self.source.path),
