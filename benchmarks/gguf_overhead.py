@@ -140,6 +140,7 @@ def raw_run(llama_cpp: Any, base_path: Path, out_path: Path, qtype: str, tokens_
             reference_dir: Path, settings: Any) -> dict[str, Any]:
     """Quantize + evaluate ``qtype`` with llama-cpp-python directly, in this process."""
     import numpy as np
+
     from mlflow_edge.evaluation.accuracy import AccuracyAccumulator, ReferenceLogprobs
 
     # llama-cpp-python maps ggml's WARN level onto logging.ERROR, so the per-tensor fallback warnings of k-quants
@@ -249,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, user_cache: str | None, scratch: Path) -> int:
     import llama_cpp
+
     from mlflow_edge import artifacts
     from mlflow_edge.backends.llamacpp import LlamaCppBackend
     from mlflow_edge.evaluation.harness import EvalSettings, Evaluator, default_threads

@@ -6,12 +6,13 @@ cache):
 1. **pyfunc vs raw**, same IR, same runtime settings (CPU, ``PERFORMANCE_HINT=LATENCY``, ``INFERENCE_NUM_THREADS``):
 
    - **pyfunc**: the IR saved with the ``openvino`` flavor and loaded by ``mlflow.pyfunc.load_model``;
-     ``predict([prompt], params={"max_new_tokens": N, "ignore_eos": True})``: tokenize, prefill, greedy decode of
-     exactly ``N`` tokens, detokenize;
+     ``predict([prompt], params={"max_tokens": N, "temperature": 0})`` (the one request contract): tokenize,
+     prefill, greedy decode of at most ``N`` tokens (stopping at end-of-sequence), detokenize;
    - **raw**: ``openvino.Core().compile_model`` and one infer request in a plain greedy loop (``reset_state``, prefill,
      then one token per ``infer`` with the grown attention mask), on token ids tokenized beforehand (untimed).
 
-   Each is timed by wall clock per call; tok/s = ``N / seconds``. Rounds alternate the order (pyfunc first in odd
+   Both stop at the model's end-of-sequence tokens. Each is timed by wall clock per call; tok/s = tokens generated
+   (pyfunc: its text tokenized again) / seconds. Rounds alternate the order (pyfunc first in odd
    rounds); medians are reported, with the ratio pyfunc / raw (goal >= 0.95) and whether both produced the same text.
 2. **variants vs fp16**: ``INT8_ASYM``, ``INT4_ASYM`` (group size 64) and ``INT4_ASYM`` with AWQ + scale estimation
    (calibration text), quantized by NNCF through the content-addressed cache, each measured by the shared harness
@@ -58,7 +59,7 @@ class RawOpenVINO:
                                                              "INFERENCE_NUM_THREADS": threads})
         self.request = self.compiled.create_infer_request()
 
-    def generate(self, ids: list[int], new_tokens: int) -> list[int]:
+    def generate(self, ids: list[int], new_tokens: int, eos: frozenset[int] = frozenset()) -> list[int]:
         import numpy as np
 
         request = self.request
@@ -72,8 +73,8 @@ class RawOpenVINO:
             "beam_idx": beam,
         })["logits"]
         token = int(logits[0, -1].argmax())
-        out = [token]
-        while len(out) < new_tokens:
+        out = [] if token in eos else [token]
+        while out and len(out) < new_tokens:
             length += 1
             logits = request.infer({
                 "input_ids": np.array([[token]], dtype=np.int64),
@@ -82,32 +83,40 @@ class RawOpenVINO:
                 "beam_idx": beam,
             })["logits"]
             token = int(logits[0, -1].argmax())
+            if token in eos:
+                break
             out.append(token)
         return out
 
 
 def pyfunc_vs_raw(artifact: Any, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     import mlflow
-    from mlflow_edge.flavors import openvino as ov_flavor
     from transformers import AutoTokenizer
 
+    from mlflow_edge.flavors import openvino as ov_flavor
+
     model_dir = scratch / "pyfunc-model"
-    ov_flavor.save_model(artifact.path, model_dir, metadata_config={"precision": artifact.precision})
+    ov_flavor.save_model(artifact.path, model_dir, metadata={"mlflow_edge": {"precision": artifact.precision}})
     pyfunc_model = mlflow.pyfunc.load_model(str(model_dir), model_config={"threads": args.threads})
     raw = RawOpenVINO(artifact.path / "openvino_model.xml", args.threads)
     tokenizer = AutoTokenizer.from_pretrained(artifact.path)
     ids = tokenizer(PROMPT)["input_ids"]
-    params = {"max_new_tokens": args.new_tokens, "ignore_eos": True, "temperature": 0.0}
+    params = {"max_tokens": args.new_tokens, "temperature": 0.0}
+    eos = frozenset([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    generated: dict[str, int] = {}
 
     def run_pyfunc() -> tuple[float, str]:
         start = time.perf_counter()
         text = pyfunc_model.predict([PROMPT], params=params)[0]
-        return time.perf_counter() - start, text
+        seconds = time.perf_counter() - start
+        generated[PYFUNC] = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return seconds, text
 
     def run_raw() -> tuple[float, str]:
         start = time.perf_counter()
-        tokens = raw.generate(ids, args.new_tokens)
+        tokens = raw.generate(ids, args.new_tokens, eos)
         seconds = time.perf_counter() - start
+        generated[RAW] = len(tokens)
         return seconds, tokenizer.decode(tokens, skip_special_tokens=True)
 
     runs = {PYFUNC: run_pyfunc, RAW: run_raw}
@@ -122,9 +131,9 @@ def pyfunc_vs_raw(artifact: Any, args: argparse.Namespace, scratch: Path) -> dic
             elapsed, texts[path] = runs[path]()
             seconds[path].append(elapsed)
             emit({"part": "pyfunc_vs_raw", "path": path, "round": round_no, "seconds": elapsed,
-                  "tok_s": args.new_tokens / elapsed})
-        pair_ratios.append(seconds[RAW][-1] / seconds[PYFUNC][-1])
-    tok_s = {path: args.new_tokens / statistics.median(values) for path, values in seconds.items()}
+                  "tokens": generated[path], "tok_s": generated[path] / elapsed})
+        pair_ratios.append((generated[PYFUNC] / seconds[PYFUNC][-1]) / (generated[RAW] / seconds[RAW][-1]))
+    tok_s = {path: generated[path] / statistics.median(values) for path, values in seconds.items()}
     ratio = tok_s[PYFUNC] / tok_s[RAW]
     return {
         "benchmark": "openvino_pyfunc_vs_raw",
@@ -140,8 +149,9 @@ def pyfunc_vs_raw(artifact: Any, args: argparse.Namespace, scratch: Path) -> dic
         "same_text": texts[PYFUNC] == texts[RAW],
         "rounds": args.rounds,
         "threads": args.threads,
-        "note": "tok/s = new tokens / wall seconds of one call; pyfunc includes tokenizing and detokenizing, raw "
-                "starts from token ids",
+        "tokens": dict(generated),
+        "note": "tok/s = generated tokens / wall seconds of one call; pyfunc includes tokenizing and detokenizing, "
+                "raw starts from token ids",
     }
 
 
@@ -211,6 +221,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import openvino
+
     from mlflow_edge import artifacts
     from mlflow_edge.backends import get_backend
     from mlflow_edge.sources import resolve_source

@@ -116,6 +116,7 @@ def grid(backends: tuple[str, ...]) -> tuple[list[dict[str, Any]], dict[str, Any
     Each backend's ``search_space`` is replayed depth first: at every parameter it asks for that is not fixed yet,
     the walk branches into each of its choices, so conditional parameters are expanded where they apply."""
     import optuna
+
     from mlflow_edge.backends import get_backend
 
     points: list[dict[str, Any]] = []
@@ -153,6 +154,7 @@ def pareto(rows: list[dict[str, Any]], distributions: dict[str, Any],
 def run_search_path(args: argparse.Namespace, settings: Any) -> dict[str, Any]:
     import optuna
     from mlflow import MlflowClient
+
     from mlflow_edge.errors import EdgeError
     from mlflow_edge.registry import champion_alias
     from mlflow_edge.search.study import run_search
@@ -273,6 +275,7 @@ def same_config(row: dict[str, Any], promoted: dict[str, Any]) -> bool:
 
 def run(args: argparse.Namespace, user_cache: Path, scratch: Path) -> int:
     import optuna
+
     from mlflow_edge import artifacts
     from mlflow_edge.evaluation.harness import EvalSettings
     from mlflow_edge.search.space import backends_for

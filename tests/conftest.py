@@ -53,8 +53,9 @@ def demo_source():
 def tiny_source(tmp_path_factory: pytest.TempPathFactory, demo_source):
     """A tiny random Llama (2 layers, width 256) with SmolLM2's real tokenizer: a real model in seconds."""
     import torch
-    from mlflow_edge.sources import from_folder
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from mlflow_edge.sources import from_folder
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(demo_source.path)

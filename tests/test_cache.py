@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from mlflow_edge import cache
 from mlflow_edge.errors import EdgeError
 

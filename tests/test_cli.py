@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
+
 from mlflow_edge.cli import main, parse_options
 from mlflow_edge.errors import EdgeError
 

@@ -6,6 +6,7 @@ import math
 
 import mlflow
 import pytest
+
 from mlflow_edge.errors import EdgeError
 from mlflow_edge.gates import DEFAULT_GATES, Gate, GateGroup, Gates, parse_gates
 from mlflow_edge.metrics import METRICS

@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow import MlflowClient
+
 from mlflow_edge.search.study import STALE_REASON
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,6 +6,7 @@ import math
 
 import mlflow
 import pytest
+
 from mlflow_edge import registry
 from mlflow_edge.errors import EdgeError
 from mlflow_edge.gates import parse_gates

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from mlflow_edge.errors import EdgeError
 from mlflow_edge.report import comparison_table, write_report
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 
 import mlflow
+
 from mlflow_edge.run_context import HardwareContext
 from mlflow_edge.targets import HW_KEYS, hardware_fingerprint
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from mlflow_edge.errors import EdgeError
 from mlflow_edge.sources import (
     DEMO_NAME,

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from mlflow_edge.backends import backend_names, get_backend
 from mlflow_edge.errors import EdgeError
 from mlflow_edge.targets import (

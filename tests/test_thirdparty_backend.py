@@ -13,6 +13,7 @@ import mlflow
 import optuna
 import pytest
 from mlflow import MlflowClient
+
 from mlflow_edge.backends import backend_names
 
 pytest.importorskip("llama_cpp")

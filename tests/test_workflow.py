@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
+
 from mlflow_edge.cli import main
 from mlflow_edge.metrics import METRICS
 from mlflow_edge.targets import HW_KEYS

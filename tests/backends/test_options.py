@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from mlflow_edge.backends.base import OptionSpec, option_bool, typed_options
 from mlflow_edge.errors import EdgeError
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from mlflow_edge.evaluation.accuracy import AccuracyAccumulator, log_softmax, scored_positions
 
 WINDOW = 8  # scores positions 4, 5, 6 predicting tokens 5, 6, 7

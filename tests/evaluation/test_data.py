@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+
 from mlflow_edge.errors import EdgeError
 from mlflow_edge.evaluation.data import (
     BUILTIN_DATASET,

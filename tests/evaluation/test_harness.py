@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+
 from mlflow_edge import artifacts
 from mlflow_edge.backends.base import Artifact
 from mlflow_edge.errors import EdgeError

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+
 from mlflow_edge import artifacts
 from mlflow_edge.evaluation.data import evaluation_text
 from mlflow_edge.evaluation.mlflow_evaluator import EdgeEvaluator

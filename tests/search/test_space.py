@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import optuna
 import pytest
+
 from mlflow_edge.backends import backend_names, get_backend
 from mlflow_edge.errors import EdgeError
 from mlflow_edge.search import backends_for, suggest

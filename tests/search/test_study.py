@@ -9,6 +9,7 @@ import optuna
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+
 from mlflow_edge.errors import EdgeError
 from mlflow_edge.search import run_search
 from mlflow_edge.search.study import fail_stale_trials, parse_objectives, starting_points

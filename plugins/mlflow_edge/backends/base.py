@@ -100,10 +100,13 @@ class Runner(Protocol):
         ...
 
     def generate(self, tokens: Sequence[int], max_new_tokens: int) -> Generation:
-        """Greedily generate exactly ``max_new_tokens`` after ``tokens`` (end-of-sequence ignored), timed."""
+        """Greedily generate exactly ``max_new_tokens`` after ``tokens`` (end-of-sequence ignored), timed; a prompt
+        and new tokens that do not fit the context (``len(tokens) + max_new_tokens - 1 > context_tokens``) are an
+        :class:`EdgeError`, as is any sequence longer than the context in the other methods."""
         ...
 
     def close(self) -> None:
+        """Free the runtime; harmless twice, and every later call raises :class:`EdgeError` (never crashes)."""
         ...
 
 
@@ -220,7 +223,8 @@ class Backend(Protocol):
 
     def open_artifact(self, path: Path, source: "SourceModel") -> Artifact | None:
         """``path`` (a file or folder on disk) as an artifact of this backend's format, converted from ``source``;
-        ``None`` when it is not of this format; :class:`EdgeError` when it is but is corrupt."""
+        ``None`` when it is not of this format; :class:`EdgeError` when it is but is corrupt. Its ``precision`` is
+        what the files record (a quantization type where the format stores one, else the dominant weight type)."""
         ...
 
     def starting_points(self) -> Sequence[Mapping[str, Any]]:

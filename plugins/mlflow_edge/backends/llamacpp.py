@@ -51,6 +51,17 @@ def quant_types() -> dict[str, int]:
     return types
 
 
+def file_type_name(path: Path) -> str:
+    """The quantization type a GGUF file records (``general.file_type``, e.g. ``Q4_K_M``), else its name's suffix."""
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).get_field("general.file_type")
+    names = {number: name for name, number in quant_types().items()}
+    if field is not None and int(field.contents()) in names:
+        return names[int(field.contents())]
+    return path.stem.split(".")[-1]
+
+
 def ggml_type_id(name: str) -> int:
     from gguf import GGMLQuantizationType
 
@@ -108,7 +119,7 @@ class LlamaCppBackend:
         from mlflow_edge.sources import validate_gguf
 
         validate_gguf(path)
-        return Artifact(path=path, backend=self.name, format=self.format, precision=path.stem.split(".")[-1],
+        return Artifact(path=path, backend=self.name, format=self.format, precision=file_type_name(path),
                         source_name=source.name, source_sha256=source.sha256, num_parameters=source.num_parameters,
                         files=(path,))
 

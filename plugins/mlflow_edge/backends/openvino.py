@@ -116,8 +116,11 @@ def companion_files(folder: Path) -> list[Path]:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+    """The reason in an exception: OpenVINO's messages open with location lines (``Exception from src/…``,
+    ``Check '…' failed at …``) before it."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith(("Exception from ", "Check '"))]
+    return (reasons or lines or [type(exc).__name__])[0][:300]
 
 
 def _enum_name(enum: Any, option: str, value: Any) -> Any:

@@ -1,13 +1,16 @@
-"""MLflow flavors by artifact format. A new format adds one module and one line here.
+"""MLflow flavors by artifact format: each backend names its flavor module (``Backend.flavor``), so a new format adds
+its module and nothing here.
 
-Each flavor module offers ``log_model(model_file, name=..., metadata_config=...)`` and ``FLAVOR_NAME``; the
-``metadata_config`` written here is the :class:`~mlflow_edge.backends.base.Artifact` itself, so a logged model can be
-turned back into an artifact for evaluation (:func:`artifact_from_model`).
+A flavor module offers ``FLAVOR_NAME``, ``save_model``, ``log_model(model_path, name=..., **kwargs)``, ``load_model``
+and the pyfunc loader ``_load_pyfunc``; the skeleton they share and their one request contract live in
+:mod:`mlflow_edge.flavors._common`. The provenance of a logged artifact (backend, format, precision, source, options)
+is the model's ``Model.metadata["mlflow_edge"]``; the model file or folder is its flavor config's ``data`` (a folder's
+config lists the files whose bytes count as its size under ``model_files``). :func:`artifact_from_model` reads both
+back, so a logged model can be evaluated like the artifact it came from.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from pathlib import Path
 from types import ModuleType
@@ -16,33 +19,21 @@ from typing import Any
 from mlflow.models import Model
 from mlflow.models.model import ModelInfo
 
-from mlflow_edge.backends.base import Artifact, EdgeError
+from mlflow_edge.backends import backend_for_format
+from mlflow_edge.backends.base import Artifact
+from mlflow_edge.errors import EdgeError, first_line
 
-@dataclasses.dataclass(frozen=True)
-class FlavorEntry:
-    """Where an artifact format's MLflow flavor lives: its module, flavor name, and the flavor-config key naming the
-    model file (or folder; a folder's config lists its model files, those whose bytes count, under ``model_files``)."""
-
-    module: str
-    name: str
-    model_key: str
-
-
-FLAVORS: dict[str, FlavorEntry] = {
-    "gguf": FlavorEntry("mlflow_edge.flavors.gguf", "gguf", "gguf_file"),
-    "openvino_ir": FlavorEntry("mlflow_edge.flavors.openvino", "openvino", "model_dir"),
-}
-"""Artifact format (the conventions' ``format`` param) → its flavor."""
+METADATA_KEY = "mlflow_edge"
+"""The key of a logged model's ``Model.metadata`` that holds its provenance."""
 
 
 def flavor_module(artifact_format: str) -> ModuleType:
-    try:
-        return importlib.import_module(FLAVORS[artifact_format].module)
-    except KeyError:
-        raise EdgeError(f"no MLflow flavor for format '{artifact_format}' (known: {', '.join(FLAVORS)})") from None
+    """The flavor module of ``artifact_format`` (the conventions' ``format`` param), from the backend writing it."""
+    return importlib.import_module(backend_for_format(artifact_format).flavor)
 
 
-def artifact_metadata(artifact: Artifact) -> dict[str, Any]:
+def provenance(artifact: Artifact) -> dict[str, Any]:
+    """What a logged model records about the artifact it holds (its ``Model.metadata["mlflow_edge"]``)."""
     return {
         "backend": artifact.backend,
         "format": artifact.format,
@@ -50,40 +41,43 @@ def artifact_metadata(artifact: Artifact) -> dict[str, Any]:
         "source_name": artifact.source_name,
         "source_sha256": artifact.source_sha256,
         "num_parameters": artifact.num_parameters,
-        "options": {k: v for k, v in artifact.options.items()},
+        "options": dict(artifact.options),
     }
 
 
 def log_artifact_model(artifact: Artifact, name: str = "model", **kwargs: Any) -> ModelInfo:
-    """Log ``artifact`` as an MLflow model of its format's flavor in the active run."""
-    module = flavor_module(artifact.format)
-    return module.log_model(artifact.path, name=name, metadata_config=artifact_metadata(artifact), **kwargs)
+    """Log ``artifact`` as an MLflow model of its format's flavor in the active run, its provenance in
+    ``Model.metadata``; ``kwargs`` go to the flavor's ``log_model`` (``metadata`` is merged)."""
+    metadata = {**(kwargs.pop("metadata", None) or {}), METADATA_KEY: provenance(artifact)}
+    return flavor_module(artifact.format).log_model(artifact.path, name=name, metadata=metadata, **kwargs)
 
 
 def artifact_from_model(model_uri: str, dst_path: str | None = None) -> Artifact:
-    """Download a model logged by mlflow-edge and describe it as an :class:`Artifact`."""
-    from mlflow.tracking.artifact_utils import _download_artifact_from_uri
+    """Download a model logged by mlflow-edge (into ``dst_path``) and describe it as an :class:`Artifact`."""
+    import mlflow.artifacts
 
     try:
-        local = Path(_download_artifact_from_uri(model_uri, output_path=dst_path))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst_path))
         model = Model.load(str(local))
     except Exception as exc:
-        raise EdgeError(f"cannot load model {model_uri}: {str(exc).splitlines()[0]}") from exc
-    for artifact_format, entry in FLAVORS.items():
-        conf = model.flavors.get(entry.name)
-        if conf is None:
-            continue
-        path = local / conf[entry.model_key]
-        return Artifact(
-            path=path,
-            backend=conf.get("backend", "llamacpp" if entry.name == "gguf" else entry.name),
-            format=artifact_format,
-            precision=str(conf.get("precision", "unknown")),
-            source_name=str(conf.get("source_name", "unknown")),
-            source_sha256=str(conf.get("source_sha256", "")),
-            num_parameters=int(conf.get("num_parameters", 0)),
-            options=dict(conf.get("options") or {}),
-            files=tuple(path / name for name in conf["model_files"]) if conf.get("model_files") else (path,),
-        )
-    raise EdgeError(f"{model_uri} is not a model of an mlflow-edge flavor "
-                    f"({', '.join(e.name for e in FLAVORS.values())})")
+        raise EdgeError(f"cannot load model {model_uri}: {first_line(exc)}") from exc
+    info = (model.metadata or {}).get(METADATA_KEY)
+    if not isinstance(info, dict) or not {"backend", "format"} <= set(info):
+        raise EdgeError(f"{model_uri} is not a model logged by mlflow-edge "
+                        f"(no backend and format in its metadata['{METADATA_KEY}'])")
+    flavor_name = flavor_module(info["format"]).FLAVOR_NAME
+    conf = model.flavors.get(flavor_name)
+    if conf is None:
+        raise EdgeError(f"{model_uri} has no '{flavor_name}' flavor for its format '{info['format']}'")
+    path = local / conf["data"]
+    return Artifact(
+        path=path,
+        backend=str(info["backend"]),
+        format=str(info["format"]),
+        precision=str(info.get("precision", "unknown")),
+        source_name=str(info.get("source_name", "unknown")),
+        source_sha256=str(info.get("source_sha256", "")),
+        num_parameters=int(info.get("num_parameters", 0)),
+        options=dict(info.get("options") or {}),
+        files=tuple(path / name for name in conf["model_files"]) if conf.get("model_files") else (path,),
+    )

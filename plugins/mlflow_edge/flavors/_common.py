@@ -1,13 +1,43 @@
-"""What every mlflow-edge flavor writes the same way: the model's environment files and its metadata config."""
+"""What every mlflow-edge flavor does the same way, so that a flavor module keeps only what its format needs.
+
+- **Save and log** (:func:`save_model`, :func:`log_model`), as MLflow's own flavors do (``mlflow.onnx``,
+  ``mlflow.sklearn``): the flavor validates its files and copies them in; this module writes the signature, the input
+  example, ``Model.metadata``, the loader code (this package, under ``code/``), the ``python_function`` and flavor
+  entries of ``MLmodel`` and the environment files, and removes a half-written model directory. The environment
+  names mlflow, the runtime's packages and what the loader imports, pinned to the installed versions: never
+  mlflow-edge itself, which no package index has.
+- **The request contract** of every flavor's pyfunc (:data:`CONTRACT`, the ParamSchema of :func:`default_signature`):
+  OpenAI's parameter names and defaults plus ``chat``; :func:`parse_request` refuses an unknown or out-of-range param
+  with ``MlflowException(INVALID_PARAMETER_VALUE)``, a 400 under ``mlflow models serve``. One string in per prompt, one
+  generated string out.
+- **Sampling** for runtimes that only give logits (:func:`sample_next_token`, :func:`generate`); a runtime with its
+  own sampler (llama.cpp) maps the contract onto it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib
+import inspect
 import json
+import math
 import os
-from typing import Any, Callable, Collection, Mapping
+import shutil
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Collection, Mapping, Protocol, Sequence
 
+import numpy as np
+import pandas as pd
 import yaml
+from mlflow import pyfunc
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.models.model import MLMODEL_FILE_NAME, ModelInfo
+from mlflow.models.utils import _save_example
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.utils.environment import (
     _CONDA_ENV_FILE_NAME,
     _CONSTRAINTS_FILE_NAME,
@@ -16,8 +46,343 @@ from mlflow.utils.environment import (
     _process_conda_env,
     _process_pip_requirements,
     _PythonEnv,
+    _validate_env_arguments,
 )
-from mlflow.utils.file_utils import write_to
+from mlflow.utils.file_utils import get_total_file_size, write_to
+from mlflow.utils.model_utils import _validate_and_copy_code_paths, _validate_and_prepare_target_save_path
+from mlflow.utils.requirements_utils import _get_pinned_requirement
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+"""The ``mlflow_edge`` package folder: it travels with every model as ``code/mlflow_edge``, so the loader imports."""
+
+LOADER_REQUIREMENTS = ("numpy", "pandas")
+"""pip distributions the loader modules import besides mlflow and the format's runtime."""
+
+# -- the request contract -------------------------------------------------------------------------------------------
+CONTRACT: tuple[ParamSpec, ...] = (
+    ParamSpec("max_tokens", "long", 64),  # at most the model's context
+    ParamSpec("temperature", "double", 0.0),  # 0: greedy
+    ParamSpec("top_p", "double", 1.0),  # in (0, 1]; 1: off
+    ParamSpec("top_k", "long", 0),  # 0: off
+    ParamSpec("stop", "string", [], (-1,)),  # strings that end the text (not returned)
+    ParamSpec("seed", "long", 0),  # the sampling seed, in [0, 2**32)
+    ParamSpec("repetition_penalty", "double", 1.0),  # > 0; 1: off
+    ParamSpec("chat", "boolean", False),  # apply the model's chat template to the prompt
+)
+"""The generation params of every flavor's pyfunc, with their defaults: declared here once."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One checked generation request (the fields of :data:`CONTRACT`)."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    stop: tuple[str, ...]
+    seed: int
+    repetition_penalty: float
+    chat: bool
+
+
+def params_schema() -> ParamSchema:
+    return ParamSchema(list(CONTRACT))
+
+
+def default_signature() -> ModelSignature:
+    """One string column (the prompts) in, one string per prompt out, and the request contract as params.
+
+    The input column is unnamed on purpose: MLflow's schema enforcement turns a list of strings (and serving's
+    ``{"inputs": [...]}``) into a DataFrame with column ``0``, which a column named ``prompt`` would reject; an unnamed
+    column accepts that and ``{"prompt": ...}`` / ``dataframe_records`` alike.
+    """
+    return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
+                          params=params_schema())
+
+
+def _refuse(message: str) -> MlflowException:
+    return MlflowException.invalid_parameter_value(message)
+
+
+def _shown(value: Any) -> str:
+    """``value`` as a message shows it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_param_names(params: Mapping[str, Any] | None, declared: Sequence[str]) -> None:
+    """Refuse params whose names are not ``declared`` (MLflow would drop them with a warning)."""
+    if unknown := sorted(str(name) for name in (params or {}) if name not in declared):
+        raise _refuse(f"unknown param{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                      f"(known: {', '.join(sorted(declared))})")
+
+
+def parse_request(params: Mapping[str, Any] | None, context_tokens: int) -> Request:
+    """``params`` checked against the contract; a missing or ``None`` param takes its default.
+
+    ``max_tokens`` may not exceed ``context_tokens`` (the loaded model's context size).
+    """
+    if params is not None and not isinstance(params, Mapping):
+        raise _refuse(f"params must be a mapping, got {type(params).__name__}")
+    check_param_names(params, [spec.name for spec in CONTRACT])
+    values = {spec.name: spec.default for spec in CONTRACT}
+    values.update({name: value for name, value in (params or {}).items() if value is not None})
+    return Request(
+        max_tokens=_integer("max_tokens", values["max_tokens"], 1, int(context_tokens), "the model's context"),
+        temperature=_number("temperature", values["temperature"], lambda v: v >= 0, ">= 0"),
+        top_p=_number("top_p", values["top_p"], lambda v: 0 < v <= 1, "in (0, 1]"),
+        top_k=_integer("top_k", values["top_k"], 0, 2**31 - 1),
+        stop=_stop(values["stop"]),
+        seed=_integer("seed", values["seed"], 0, 2**32 - 1),
+        repetition_penalty=_number("repetition_penalty", values["repetition_penalty"], lambda v: v > 0, "> 0"),
+        chat=_boolean("chat", values["chat"]),
+    )
+
+
+def _integer(name: str, value: Any, low: int, high: int, high_name: str = "") -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise _refuse(f"{name} must be an integer, got {_shown(value)}")
+    if not low <= value <= high:
+        limit = f"{high} ({high_name})" if high_name else str(high)
+        raise _refuse(f"{name} must be from {low} to {limit}, got {value}")
+    return int(value)
+
+
+def _number(name: str, value: Any, accept: Callable[[float], bool], rule: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+        raise _refuse(f"{name} must be a number, got {_shown(value)}")
+    if not (math.isfinite(value) and accept(float(value))):
+        raise _refuse(f"{name} must be a finite number {rule}, got {value}")
+    return float(value)
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise _refuse(f"{name} must be true or false, got {_shown(value)}")
+    return bool(value)
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) and s for s in value):
+        raise _refuse(f"stop must be a list of non-empty strings, got {_shown(value)}")
+    return tuple(value)
+
+
+# -- refusing undeclared params under MLflow's pyfunc -----------------------------------------------------------------
+_STRICT_LOADERS: set[str] = set()
+_STRICT_LOCK = threading.Lock()
+_STRICT_MARK = "_mlflow_edge_refuses_undeclared_params"
+_VALIDATE_ARGS = ["data", "params", "input_schema", "params_schema", "flavor"]
+
+
+def refuse_undeclared_params(loader_module: str) -> None:
+    """Make ``PyFuncModel.predict`` refuse, not drop, params undeclared by models whose loader is ``loader_module``.
+
+    MLflow's ``PyFuncModel._predict`` passes the caller's params through ``mlflow.pyfunc._validate_prediction_input``,
+    whose ``_enforce_params_schema`` drops every undeclared param with a warning before the model's ``predict`` sees
+    them (``mlflow models serve`` calls the same ``PyFuncModel.predict``), and MLflow has no public option to refuse
+    them. So the loader wraps that function, once per process: for its own models (the ``flavor`` argument is the
+    loader module) it checks the names first; every other model is left as MLflow treats it. Should a future MLflow
+    change that function, nothing is wrapped and undeclared params are dropped again (the flavor tests catch it).
+    """
+    module = importlib.import_module("mlflow.pyfunc")  # the module itself: `mlflow.pyfunc` may be a lazy proxy
+    with _STRICT_LOCK:
+        _STRICT_LOADERS.add(loader_module)
+        original = getattr(module, "_validate_prediction_input", None)
+        if original is None or getattr(original, _STRICT_MARK, False):
+            return
+        if list(inspect.signature(original).parameters) != _VALIDATE_ARGS:
+            return
+
+        @functools.wraps(original)
+        def validate(data, params, input_schema, params_schema, flavor=None):
+            if flavor in _STRICT_LOADERS:
+                declared = [spec.name for spec in params_schema.params] if params_schema is not None else []
+                check_param_names(params if isinstance(params, Mapping) else None, declared)
+            return original(data, params, input_schema, params_schema, flavor)
+
+        setattr(validate, _STRICT_MARK, True)
+        module._validate_prediction_input = validate
+
+
+# -- prompts --------------------------------------------------------------------------------------------------------
+def prompts(model_input: Any) -> list[str]:
+    """Prompts from a DataFrame (``prompt`` or first column), a Series/array/list of str, a str or ``{"prompt": …}``."""
+    if isinstance(model_input, pd.DataFrame):
+        values = _frame_prompts(model_input)
+    elif isinstance(model_input, dict):
+        if "prompt" not in model_input:
+            raise _refuse("dict input needs a 'prompt' key")
+        values = model_input["prompt"]
+        values = [values] if isinstance(values, str) else list(values)
+    elif isinstance(model_input, str):
+        values = [model_input]
+    elif isinstance(model_input, (list, tuple, pd.Series, np.ndarray)):
+        values = [v["prompt"] if isinstance(v, dict) and "prompt" in v else v for v in np.ravel(model_input).tolist()]
+    else:
+        raise _refuse(f"unsupported input type {type(model_input).__name__}; "
+                      "pass a DataFrame, a list of str, a str or a dict")
+    if bad := [type(v).__name__ for v in values if not isinstance(v, str)]:
+        raise _refuse(f"prompts must be strings, got {bad[0]}")
+    return values
+
+
+def _frame_prompts(frame: pd.DataFrame) -> list[Any]:
+    if frame.shape[1] == 0:
+        raise _refuse("input DataFrame has no columns; expected 'prompt'")
+    column = "prompt" if "prompt" in frame.columns else frame.columns[0]
+    values: list[Any] = []
+    for value in frame[column].tolist():  # MLflow turns {"prompt": [a, b]} into one cell holding a list
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        values.extend(value if isinstance(value, list) else [value])
+    return values
+
+
+# -- generation for logits-only runtimes ----------------------------------------------------------------------------
+class LogitsRunner(Protocol):
+    """A runtime that appends tokens to one sequence and returns their logits (e.g. the OpenVINO runner)."""
+
+    @property
+    def context_tokens(self) -> int: ...
+
+    def reset(self) -> None: ...
+
+    def forward(self, tokens: Sequence[int]) -> np.ndarray: ...
+
+
+def sample_next_token(logits: np.ndarray, request: Request, rng: np.random.Generator, seen: set[int]) -> int:
+    """Greedy at ``temperature`` 0, else a sample; repetition penalty (on ``seen``), temperature, top-k, top-p."""
+    penalty = request.repetition_penalty
+    if penalty == 1.0 and request.temperature == 0:
+        return int(np.argmax(logits))
+    scores = np.array(logits, dtype=np.float64)
+    if penalty != 1.0 and seen:
+        index = np.fromiter(seen, dtype=np.int64)
+        values = scores[index]
+        scores[index] = np.where(values > 0, values / penalty, values * penalty)
+    if request.temperature == 0:
+        return int(scores.argmax())
+    scores /= request.temperature
+    if 0 < request.top_k < scores.size:
+        cutoff = np.partition(scores, -request.top_k)[-request.top_k]
+        scores[scores < cutoff] = -np.inf
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    if request.top_p < 1:
+        order = np.argsort(-probs)
+        keep = np.cumsum(probs[order]) - probs[order] < request.top_p  # the smallest set whose mass reaches top_p
+        mask = np.zeros_like(probs, dtype=bool)
+        mask[order[keep]] = True
+        probs = np.where(mask, probs, 0.0)
+        probs /= probs.sum()
+    return int(rng.choice(probs.size, p=probs))
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> str | None:
+    """``text`` before the first stop string in it, or ``None`` when it holds none."""
+    found = [index for index in (text.find(s) for s in stop) if index >= 0]
+    return text[: min(found)] if found else None
+
+
+def generate(runner: LogitsRunner, ids: Sequence[int], request: Request, eos: Collection[int],
+             decode: Callable[[list[int]], str]) -> str:
+    """The text generated after the prompt ``ids``: at most ``request.max_tokens`` tokens (clipped to the context),
+    ending before an end-of-sequence token in ``eos`` or a stop string. Seeded per prompt, as llama.cpp is."""
+    room = runner.context_tokens - len(ids)
+    if room < 1:
+        raise _refuse(f"prompt of {len(ids)} tokens does not fit the context of {runner.context_tokens}")
+    limit = min(request.max_tokens, room)
+    rng = np.random.default_rng(request.seed)
+    runner.reset()
+    logits = runner.forward(ids)[-1]
+    generated: list[int] = []
+    seen = set(ids)
+    while True:
+        token = sample_next_token(logits, request, rng, seen)
+        if token in eos:
+            break
+        generated.append(token)
+        if request.stop and (text := _cut_at_stop(decode(generated), request.stop)) is not None:
+            return text
+        if len(generated) >= limit:
+            break
+        seen.add(token)
+        logits = runner.forward([token])[-1]
+    return decode(generated)
+
+
+# -- save, log, load ------------------------------------------------------------------------------------------------
+def pip_requirements(runtime: Sequence[str]) -> list[str]:
+    """``runtime`` (the backend's ``requirements``) and :data:`LOADER_REQUIREMENTS`, pinned to the installed
+    versions; MLflow adds ``mlflow`` itself."""
+    return [_get_pinned_requirement(name) for name in dict.fromkeys([*runtime, *LOADER_REQUIREMENTS])]
+
+
+def save_model(path: str | os.PathLike, flavor: ModuleType, write_files: Callable[[Path], dict[str, Any]], *,
+               model_config: dict[str, Any] | None = None, conda_env: dict | str | None = None,
+               code_paths: list[str] | None = None, mlflow_model: Model | None = None,
+               signature: ModelSignature | None = None, input_example: Any = None,
+               pip_requirements: list[str] | str | None = None, extra_pip_requirements: list[str] | str | None = None,
+               metadata: dict[str, Any] | None = None) -> None:
+    """Save a model of ``flavor`` (its module) into the new or empty directory ``path``.
+
+    ``write_files(path)`` copies the format's files in and returns the flavor config: ``data`` (the model file or
+    folder, relative to ``path``) and whatever the format records; ``model_config`` is the pyfunc loader's config.
+    The keyword arguments after it are MLflow's usual ``save_model`` arguments. Callers validate their input first:
+    nothing is written before this runs, and nothing half-written stays behind when it fails.
+    """
+    _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
+    mlflow_model = mlflow_model if mlflow_model is not None else Model()
+    if metadata is not None:
+        mlflow_model.metadata = metadata
+    mlflow_model.metadata = _json_copy(mlflow_model.metadata, "metadata")
+    path = os.path.abspath(path)
+    created = not os.path.exists(path)
+    _validate_and_prepare_target_save_path(path)
+    try:
+        code = _validate_and_copy_code_paths([*(code_paths or []), str(PACKAGE_DIR)], path)
+        mlflow_model.signature = signature if signature is not None else default_signature()
+        if input_example is not None:
+            _save_example(mlflow_model, input_example, path)
+        conf = write_files(Path(path))
+        pyfunc.add_to_model(mlflow_model, loader_module=flavor.__name__, data=conf["data"], code=code,
+                            conda_env=_CONDA_ENV_FILE_NAME, python_env=_PYTHON_ENV_FILE_NAME,
+                            model_config=model_config)
+        mlflow_model.add_flavor(flavor.FLAVOR_NAME, code=code, **conf)
+        if size := get_total_file_size(path):
+            mlflow_model.model_size_bytes = size
+        mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
+        write_environment(path, conda_env, pip_requirements, extra_pip_requirements,
+                          flavor.get_default_pip_requirements)
+    except BaseException:
+        _remove_written(Path(path), created)
+        raise
+
+
+def _remove_written(path: Path, created: bool) -> None:
+    """Never leave a half-written model directory behind (an empty one given by the caller stays, empty)."""
+    if created:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for child in path.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
+def _json_copy(value: Any, name: str) -> Any:
+    """A plain JSON copy of ``value`` (tuples become lists), or a one-line refusal naming ``name``."""
+    if value is None:
+        return None
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as exc:
+        raise _refuse(f"{name} must be JSON-serializable: {exc}") from exc
 
 
 def write_environment(path: str, conda_env: dict | str | None, pip_requirements: list[str] | str | None,
@@ -40,13 +405,23 @@ def write_environment(path: str, conda_env: dict | str | None, pip_requirements:
     _PythonEnv.current().to_yaml(os.path.join(path, _PYTHON_ENV_FILE_NAME))
 
 
-def normalize_metadata_config(metadata_config: Mapping[str, Any] | None, reserved: Collection[str]) -> dict[str, Any]:
-    """A plain JSON copy of ``metadata_config`` (tuples become lists); refuse reserved or unserializable keys."""
-    if not metadata_config:
-        return {}
-    if clash := sorted(set(reserved).intersection(metadata_config)):
-        raise MlflowException.invalid_parameter_value(f"metadata_config may not set reserved keys: {clash}")
-    try:
-        return json.loads(json.dumps(dict(metadata_config)))
-    except (TypeError, ValueError) as exc:
-        raise MlflowException.invalid_parameter_value(f"metadata_config must be JSON-serializable: {exc}") from exc
+def log_model(flavor: ModuleType, name: str | None, **kwargs: Any) -> ModelInfo:
+    """``Model.log`` with ``flavor``: the model in the active run (or a new one). ``kwargs`` are the flavor's
+    ``save_model`` arguments and ``Model.log``'s own (``artifact_path``, ``registered_model_name``, ``metadata``,
+    ``params``, ``tags``, ``model_type``, ``step``, ``model_id``, ``run_id``, ``await_registration_for``)."""
+    return Model.log(artifact_path=kwargs.pop("artifact_path", None), name=name, flavor=flavor, **kwargs)
+
+
+def flavor_conf(model_dir: str | os.PathLike, flavor_name: str) -> dict[str, Any]:
+    """The ``flavor_name`` entry of the ``MLmodel`` in ``model_dir``."""
+    conf = Model.load(str(model_dir)).flavors.get(flavor_name)
+    if conf is None:
+        raise MlflowException.invalid_parameter_value(f"the model at {model_dir} has no '{flavor_name}' flavor")
+    return conf
+
+
+def download_model(model_uri: str, dst_path: str | None = None) -> Path:
+    """The model at ``model_uri`` as a local directory."""
+    from mlflow.artifacts import download_artifacts
+
+    return Path(download_artifacts(artifact_uri=model_uri, dst_path=dst_path))
