@@ -174,7 +174,7 @@ def test_generation_stops_at_eos(logged) -> None:
     stop = greedy[3]  # pretend this token ends the text: generation stops at its first occurrence
     expected = greedy[: greedy.index(stop)]
     assert _common.generate(runner, ids, request, frozenset({stop}), as_ids).split() == [str(t) for t in expected]
-    eos_wrapper = ov_flavor._OpenVINOModelWrapper(runner, wrapper.tokenizer, [stop])
+    eos_wrapper = _common.LogitsModelWrapper(runner, wrapper.tokenizer, [stop])
     assert eos_wrapper.predict([PROMPT], {"max_tokens": 6}) == [wrapper.tokenizer.decode(expected,
                                                                                          skip_special_tokens=True)]
 

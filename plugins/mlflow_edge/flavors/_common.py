@@ -315,6 +315,50 @@ def generate(runner: LogitsRunner, ids: Sequence[int], request: Request, eos: Co
     return decode(generated)
 
 
+class LogitsModelWrapper:
+    """The pyfunc face of a model whose runtime gives logits only (a :class:`LogitsRunner`): prompts in, one
+    generated string per prompt out, sampled by :func:`generate` under the request contract. ``tokenizer`` is a
+    Hugging Face tokenizer (or one that forwards to it, as mlx-lm's does)."""
+
+    def __init__(self, runner: LogitsRunner, tokenizer: Any, eos_token_ids: Collection[int]) -> None:
+        self._runner = runner
+        self._tokenizer = tokenizer
+        self._eos = frozenset(int(t) for t in eos_token_ids)
+        self._lock = threading.Lock()  # one runtime state, one sequence: servers may call predict concurrently
+
+    def get_raw_model(self) -> LogitsRunner:
+        """The underlying runner."""
+        return self._runner
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
+        """One completion per prompt; ``params`` as :data:`CONTRACT` declares."""
+        request = parse_request(params, self._runner.context_tokens)
+        texts = prompts(model_input)
+        with self._lock:
+            return [generate(self._runner, self._prompt_ids(prompt, request.chat), request, self._eos, self._decode)
+                    for prompt in texts]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _prompt_ids(self, prompt: str, chat: bool) -> list[int]:
+        if chat:
+            if not getattr(self._tokenizer, "chat_template", None):
+                raise _refuse("this model's tokenizer has no chat template")
+            text = self._tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                       add_generation_prompt=True)
+            ids = self._tokenizer.encode(text, add_special_tokens=False)
+        else:
+            ids = self._tokenizer.encode(prompt)
+        if not ids:
+            raise _refuse("the prompt is empty")
+        return list(ids)
+
+
 # -- save, log, load ------------------------------------------------------------------------------------------------
 def pip_requirements(runtime: Sequence[str]) -> list[str]:
     """``runtime`` (the backend's ``requirements``) and :data:`LOADER_REQUIREMENTS`, pinned to the installed

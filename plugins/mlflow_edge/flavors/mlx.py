@@ -38,10 +38,9 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import threading
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any
 
 from mlflow.exceptions import MlflowException
 from mlflow.models.model import ModelInfo
@@ -153,50 +152,7 @@ def load_model(model_uri: str, dst_path: str | None = None) -> tuple[Any, Any]:
     return load(str(folder), adapter_path=str(adapter) if adapter else None)
 
 
-class _MLXModelWrapper:
-    """The pyfunc face of an MLX model: prompts in, one generated string per prompt out."""
-
-    def __init__(self, runner: MLXRunner, tokenizer: Any, eos_token_ids: Collection[int]) -> None:
-        self._runner = runner
-        self._tokenizer = tokenizer
-        self._eos = frozenset(int(t) for t in eos_token_ids)
-        self._lock = threading.Lock()  # one KV cache, one sequence: servers may call predict concurrently
-
-    def get_raw_model(self) -> MLXRunner:
-        """The underlying :class:`~mlflow_edge.backends.mlx.MLXRunner`."""
-        return self._runner
-
-    @property
-    def tokenizer(self) -> Any:
-        """mlx-lm's ``TokenizerWrapper`` (the source model's tokenizer)."""
-        return self._tokenizer
-
-    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
-        """One completion per prompt; ``params`` as :data:`~mlflow_edge.flavors._common.CONTRACT` declares."""
-        request = _common.parse_request(params, self._runner.context_tokens)
-        texts = _common.prompts(model_input)
-        with self._lock:
-            return [_common.generate(self._runner, self._prompt_ids(prompt, request.chat), request, self._eos,
-                                     self._decode) for prompt in texts]
-
-    def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
-
-    def _prompt_ids(self, prompt: str, chat: bool) -> list[int]:
-        if chat:
-            if not getattr(self._tokenizer, "has_chat_template", False):
-                raise MlflowException.invalid_parameter_value("this model's tokenizer has no chat template")
-            text = self._tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                       add_generation_prompt=True)
-            ids = self._tokenizer.encode(text, add_special_tokens=False)
-        else:
-            ids = self._tokenizer.encode(prompt)
-        if not ids:
-            raise MlflowException.invalid_parameter_value("the prompt is empty")
-        return list(ids)
-
-
-def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _MLXModelWrapper:
+def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _common.LogitsModelWrapper:
     """Called by ``mlflow.pyfunc.load_model`` with the path of ``model/``; ``model_config`` may set ``max_context``."""
     from mlx_lm.utils import load_config, load_tokenizer
 
@@ -210,4 +166,4 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _MLXM
     runner = MLXRunner(folder, threads=0, context_tokens=max_context)  # applies model/adapters/ when present
     # mlx-lm's tokenizer, with the end-of-sequence ids mlx-lm reads (generation_config.json first, then config.json)
     tokenizer = load_tokenizer(folder, eos_token_ids=load_config(folder).get("eos_token_id"))
-    return _MLXModelWrapper(runner, tokenizer, tokenizer.eos_token_ids)
+    return _common.LogitsModelWrapper(runner, tokenizer, tokenizer.eos_token_ids)

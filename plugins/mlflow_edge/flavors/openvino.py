@@ -38,9 +38,8 @@ import json
 import os
 import shutil
 import sys
-import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping
 
 from mlflow.exceptions import MlflowException
 from mlflow.models.model import ModelInfo
@@ -180,48 +179,6 @@ def load_model(model_uri: str, dst_path: str | None = None, device: str | None =
                                               ov_config=_ov_properties(runtime), compile=True)
 
 
-class _OpenVINOModelWrapper:
-    """The pyfunc face of an OpenVINO IR: prompts in, one generated string per prompt out."""
-
-    def __init__(self, runner: OpenVINORunner, tokenizer: Any, eos_token_ids: Sequence[int]) -> None:
-        self._runner = runner
-        self._tokenizer = tokenizer
-        self._eos = frozenset(int(t) for t in eos_token_ids)
-        self._lock = threading.Lock()  # one infer request, one sequence: servers may call predict concurrently
-
-    def get_raw_model(self) -> OpenVINORunner:
-        """The underlying :class:`~mlflow_edge.backends.openvino.OpenVINORunner`."""
-        return self._runner
-
-    @property
-    def tokenizer(self) -> Any:
-        return self._tokenizer
-
-    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
-        """One completion per prompt; ``params`` as :data:`~mlflow_edge.flavors._common.CONTRACT` declares."""
-        request = _common.parse_request(params, self._runner.context_tokens)
-        texts = _common.prompts(model_input)
-        with self._lock:
-            return [_common.generate(self._runner, self._prompt_ids(prompt, request.chat), request, self._eos,
-                                     self._decode) for prompt in texts]
-
-    def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
-
-    def _prompt_ids(self, prompt: str, chat: bool) -> list[int]:
-        if chat:
-            if not getattr(self._tokenizer, "chat_template", None):
-                raise MlflowException.invalid_parameter_value("this model's tokenizer has no chat template")
-            text = self._tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                       add_generation_prompt=True)
-            ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = self._tokenizer(prompt)["input_ids"]
-        if not ids:
-            raise MlflowException.invalid_parameter_value("the prompt is empty")
-        return list(ids)
-
-
 def _eos_token_ids(folder: Path, tokenizer: Any) -> list[int]:
     """End-of-sequence ids from ``generation_config.json``, else the tokenizer's."""
     ids: Any = None
@@ -235,7 +192,7 @@ def _eos_token_ids(folder: Path, tokenizer: Any) -> list[int]:
     return [int(i) for i in (ids if isinstance(ids, list) else [ids])]
 
 
-def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _OpenVINOModelWrapper:
+def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _common.LogitsModelWrapper:
     """Called by ``mlflow.pyfunc.load_model`` with the path of ``model/``; ``model_config`` may set runtime settings."""
     from transformers import AutoTokenizer
 
@@ -251,4 +208,4 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _Open
         inference_precision=runtime.get("inference_precision"),
     )
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return _OpenVINOModelWrapper(runner, tokenizer, _eos_token_ids(Path(path), tokenizer))
+    return _common.LogitsModelWrapper(runner, tokenizer, _eos_token_ids(Path(path), tokenizer))
