@@ -5,6 +5,7 @@ package. The evaluation worker, a child process, must find it too."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,9 +26,10 @@ EVAL = ["--window", "64", "--windows", "2", "--repeats", "2", "--threads", "2"]
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The plugin distribution installed with pip into its own site folder (put on PYTHONPATH for the CLI)."""
-    site = tmp_path_factory.mktemp("site")
+    site, project = tmp_path_factory.mktemp("site"), tmp_path_factory.mktemp("project") / PLUGIN.name
+    shutil.copytree(PLUGIN, project)  # the build writes build/ and egg-info beside the sources: not into the checkout
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                           "--no-index", "--target", str(site), str(PLUGIN)], capture_output=True, text=True)
+                           "--no-index", "--target", str(site), str(project)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     return site
 
