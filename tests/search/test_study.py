@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from mlflow_edge.errors import EdgeError
-from mlflow_edge.search import run_search
+from mlflow_edge.search import backends_for, run_search
 from mlflow_edge.search.study import fail_stale_trials, parse_objectives, starting_points
 
 GATES = "accuracy_retention>=0.9"
@@ -60,7 +60,7 @@ def test_search_logs_parent_reference_and_one_run_per_trial(searched):
     assert set(trials["status"]) <= {"FINISHED", "FAILED"}
     assert set(trials["tags.optuna.study"]) == {result["study"]}
     for _, row in trials[trials["status"] == "FINISHED"].iterrows():
-        assert row["params.backend"] in ("llamacpp", "openvino") and pd.notna(row["metrics.accuracy_retention"])
+        assert row["params.backend"] in backends_for("cpu") and pd.notna(row["metrics.accuracy_retention"])
     assert result["study"] == f"{parent.iloc[0]['params.source']}-cpu"
 
 
@@ -70,7 +70,7 @@ def test_search_keeps_optuna_study_next_to_mlflow_store(searched):
     trials = _optuna_trials(folder, result["study"])
     assert len(trials) == 3 and result["trials"] == 3 and result["new_trials"] == 3
     # a new study starts from each backend's usual defaults
-    assert [t.params for t in trials] == starting_points(("llamacpp", "openvino"))
+    assert [t.params for t in trials] == starting_points(backends_for("cpu"))[:3]
     assert trials[0].params == {"backend": "llamacpp", "llamacpp.precision": "Q4_K_M", "llamacpp.imatrix": False}
     assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL) for t in trials)
     for trial in trials:
