@@ -3,8 +3,8 @@
 Example::
 
     table = comparison_table([
-        {"name": "ref", "backend": "llamacpp", "precision": "F16", "role": "reference", "size_mb": 270.9, ...},
-        {"name": "q4", "backend": "llamacpp", "precision": "Q4_K_M", "role": "candidate", "size_mb": 105.5, ...},
+        {"name": "ref", "backend": "transformers", "precision": "fp32", "role": "reference", "size_mb": 270.9, ...},
+        {"name": "q4", "backend": "<backend>", "precision": "q4", "role": "candidate", "size_mb": 105.5, ...},
     ])
     write_report(table, Path("report"))  # comparison.csv, comparison.html, tradeoffs.png
 """

@@ -7,8 +7,8 @@ a deployment target, and :func:`is_measurable` whether this machine can measure 
 Example::
 
     >>> from mlflow_edge.targets import get_target, is_measurable, recommended_backends
-    >>> recommended_backends("intel-cpu")  # from the installed backends' own declarations
-    ('openvino',)
+    >>> recommended_backends("intel-cpu")  # the registered backends declaring it, primary first
+    (...)
     >>> is_measurable("cpu")
     True
 """
@@ -204,7 +204,7 @@ class Target:
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
-        Target("intel-cpu", "an Intel CPU", "NNCF compression"),
+        Target("intel-cpu", "an Intel CPU", ""),
         Target("intel-gpu", "an Intel GPU (/dev/dri)", "measured only on that hardware"),
         Target("intel-npu", "an Intel NPU (/dev/accel)", "measured only on that hardware"),
         Target("nvidia-gpu", "an NVIDIA GPU (nvidia-smi)", "CUDA builds of the runtimes"),

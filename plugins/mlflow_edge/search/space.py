@@ -7,8 +7,8 @@ module knows no framework::
     >>> import optuna
     >>> trial = optuna.create_study().ask()
     >>> backend, precision, options = suggest(trial, backends_for("cpu"))
-    >>> backend
-    'llamacpp'
+    >>> backend in backends_for("cpu")
+    True
 """
 
 from __future__ import annotations
