@@ -156,7 +156,7 @@ def test_pyfunc_refuses_params_outside_the_contract(logged, params, reason) -> N
 
 
 def test_prompt_longer_than_the_context_is_refused(logged) -> None:
-    with pytest.raises(MlflowException, match="exceed context window") as caught:
+    with pytest.raises(MlflowException, match="does not fit the context of 256") as caught:
         logged.pyfunc_model.predict(["word " * 400], params={"max_tokens": 2})
     assert caught.value.get_http_status_code() == 400
 

@@ -195,7 +195,7 @@ def test_generation_stops_at_eos(logged) -> None:
     assert len(greedy) == 6
     stop = greedy[3]  # pretend this token ends the text: generation stops at its first occurrence
     expected = greedy[: greedy.index(stop)]
-    eos_wrapper = onnx_flavor._ONNXModelWrapper(runner, wrapper.tokenizer, [stop])
+    eos_wrapper = onnx_flavor._ONNXModelWrapper(runner, wrapper.tokenizer, [stop], wrapper._folder)
     assert eos_wrapper.predict([PROMPT], {"max_tokens": 6}) == [
         wrapper.tokenizer.decode(np.asarray(expected, dtype=np.int32)) if expected else ""]
 

@@ -25,9 +25,10 @@ import math
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Collection, Mapping, Protocol, Sequence
+from typing import Any, Callable, Collection, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
@@ -242,6 +243,209 @@ def _frame_prompts(frame: pd.DataFrame) -> list[Any]:
     return values
 
 
+# -- generation: one streaming loop for every flavor ----------------------------------------------------------------
+FINISH_STOP = "stop"  # an end-of-sequence token or a stop string ended the text
+FINISH_LENGTH = "length"  # max_tokens or the context ended it
+
+
+@dataclasses.dataclass
+class Completion:
+    """What one generation produced: its text, token counts, why it ended and when its first token came."""
+
+    text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = FINISH_LENGTH
+    started: float = 0.0  # time.perf_counter() when generation began
+    first_token_at: float | None = None  # time.perf_counter() when the first token was sampled
+    ended: float = 0.0
+
+
+def _held_back(text: str, stop: Sequence[str]) -> int:
+    """How many trailing characters of ``text`` could still become a stop string (or finish a UTF-8 character)."""
+    if text.endswith("\ufffd"):  # a token boundary inside a multi-byte character: wait for the rest
+        return len(text) - len(text.rstrip("\ufffd"))
+    longest = 0
+    for s in stop:
+        for size in range(min(len(s) - 1, len(text)), longest, -1):
+            if s.startswith(text[-size:]):
+                longest = size
+                break
+    return longest
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> str | None:
+    """``text`` before the first stop string in it, or ``None`` when it holds none."""
+    found = [index for index in (text.find(s) for s in stop) if index >= 0]
+    return text[: min(found)] if found else None
+
+
+def stream_text(tokens: Iterator[int], request: Request, eos: Collection[int], decode: Callable[[list[int]], str],
+                limit: int, completion: Completion, cancelled: Callable[[], bool] = lambda: False) -> Iterator[str]:
+    """Text deltas of the generation that ``tokens`` samples: at most ``limit`` tokens, ending before a token in
+    ``eos`` or a stop string (never returned; text that could begin one is held back until it cannot). ``completion``
+    receives the text, the counts and the finish reason; ``cancelled()`` ends it early (a client went away)."""
+    generated: list[int] = []
+    emitted = ""
+    completion.finish_reason = FINISH_LENGTH
+    try:
+        for token in tokens:
+            if completion.first_token_at is None:
+                completion.first_token_at = time.perf_counter()
+            if token in eos:
+                completion.finish_reason = FINISH_STOP
+                break
+            generated.append(token)
+            text = decode(generated)
+            if request.stop and (cut := _cut_at_stop(text, request.stop)) is not None:
+                completion.finish_reason, text = FINISH_STOP, cut
+                break
+            ready = text[: len(text) - _held_back(text, request.stop)]
+            if ready.startswith(emitted) and len(ready) > len(emitted):
+                yield ready[len(emitted):]
+                emitted = ready
+            if len(generated) >= limit or cancelled():
+                break
+        else:
+            text = decode(generated)
+        if not generated:
+            text = ""
+        completion.text = text
+        if text.startswith(emitted) and len(text) > len(emitted):
+            yield text[len(emitted):]
+    finally:
+        completion.completion_tokens = len(generated)
+        completion.ended = time.perf_counter()
+
+
+class TextGenerator:
+    """The pyfunc face every flavor's model shares: prompts in, one generated string per prompt out (``predict``),
+    and the streaming interface the OpenAI-compatible server drives (``prompt_ids``, ``chat_ids``, ``stream``).
+
+    A flavor gives the runtime's primitives: ``context_tokens``, ``encode``, ``decode``, ``sample`` (token ids after
+    a prompt, sampled under the request; the runtime's own sampler or :func:`sample_next_token`), ``eos_token_ids``
+    and, for chat, ``chat_template`` and ``special_tokens``. One sequence at a time: ``stream`` holds a lock, since
+    servers may call ``predict`` concurrently.
+    """
+
+    eos_token_ids: frozenset[int] = frozenset()
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._compiled_chat_template: Any = None
+
+    # what a flavor implements
+    @property
+    def context_tokens(self) -> int:
+        raise NotImplementedError
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def sample(self, ids: list[int], request: Request) -> Iterator[int]:
+        raise NotImplementedError
+
+    @property
+    def chat_template(self) -> str | None:
+        return None
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """Token strings a chat template may use (``bos_token``, ``eos_token``)."""
+        return {}
+
+    # what every flavor shares
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
+        """One completion per prompt; ``params`` as :data:`CONTRACT` declares."""
+        request = parse_request(params, self.context_tokens)
+        return [self.complete(self.prompt_ids(prompt, request.chat), request).text for prompt in prompts(model_input)]
+
+    def prompt_ids(self, prompt: str, chat: bool = False) -> list[int]:
+        """Token ids of a plain prompt, or of a one-message chat when ``chat``."""
+        if chat:
+            return self.chat_ids([{"role": "user", "content": prompt}])
+        return self._checked(self.encode(prompt, add_special_tokens=True))
+
+    def chat_ids(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Token ids of ``messages`` rendered by the model's own chat template (in a sandbox)."""
+        if self._compiled_chat_template is None:
+            if not self.chat_template:
+                raise _refuse("this model has no chat template")
+            self._compiled_chat_template = compile_chat_template(self.chat_template)
+        text = render_chat(self._compiled_chat_template, messages, self.special_tokens)
+        return self._checked(self.encode(text, add_special_tokens=False))
+
+    def stream(self, ids: list[int], request: Request, completion: Completion | None = None,
+               cancelled: Callable[[], bool] = lambda: False) -> Iterator[str]:
+        """Text deltas generated after the prompt ``ids``; ``completion`` receives the totals."""
+        completion = completion if completion is not None else Completion()
+        room = self.context_tokens - len(ids)
+        if room < 1:
+            raise _refuse(f"the prompt of {len(ids)} tokens does not fit the context of {self.context_tokens}")
+        completion.prompt_tokens = len(ids)
+        with self._lock:
+            completion.started = time.perf_counter()
+            tokens = self.sample(ids, request)
+            try:
+                yield from stream_text(tokens, request, self.eos_token_ids, self.decode,
+                                       min(request.max_tokens, room), completion, cancelled)
+            finally:
+                tokens.close()
+
+    def complete(self, ids: list[int], request: Request) -> Completion:
+        completion = Completion()
+        for _ in self.stream(ids, request, completion):
+            pass
+        return completion
+
+    @staticmethod
+    def _checked(ids: Sequence[int]) -> list[int]:
+        if not ids:
+            raise _refuse("the prompt is empty")
+        return [int(i) for i in ids]
+
+
+# -- chat templates, rendered in a sandbox --------------------------------------------------------------------------
+def compile_chat_template(template: str) -> Any:
+    """``template`` compiled in Jinja's immutable sandbox (as transformers and llama.cpp's server render them):
+    no attribute access to Python internals, no mutation of the messages."""
+    from jinja2 import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    def tojson(value: Any, indent: int | None = None) -> str:
+        return json.dumps(value, ensure_ascii=False, indent=indent)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+    try:
+        return env.from_string(template)
+    except TemplateError as exc:
+        raise _refuse(f"the model's chat template does not compile: {str(exc).splitlines()[0]}") from exc
+
+
+def render_chat(template: Any, messages: Sequence[Mapping[str, Any]], special_tokens: Mapping[str, str]) -> str:
+    """The prompt text of ``messages`` (``role`` and string ``content`` each) under the compiled ``template``."""
+    from jinja2 import TemplateError
+
+    for message in messages:
+        if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+            raise _refuse("each chat message needs a string 'role' and 'content'")
+    try:
+        return template.render(messages=[dict(m) for m in messages], add_generation_prompt=True,
+                               **dict(special_tokens))
+    except TemplateError as exc:  # includes the sandbox's SecurityError
+        raise _refuse(f"the model's chat template refused the messages: {str(exc).splitlines()[0]}") from exc
+
+
 # -- generation for logits-only runtimes ----------------------------------------------------------------------------
 class LogitsRunner(Protocol):
     """A runtime that appends tokens to one sequence and returns their logits (e.g. the OpenVINO runner)."""
@@ -282,49 +486,42 @@ def sample_next_token(logits: np.ndarray, request: Request, rng: np.random.Gener
     return int(rng.choice(probs.size, p=probs))
 
 
-def _cut_at_stop(text: str, stop: Sequence[str]) -> str | None:
-    """``text`` before the first stop string in it, or ``None`` when it holds none."""
-    found = [index for index in (text.find(s) for s in stop) if index >= 0]
-    return text[: min(found)] if found else None
+def sample_tokens(runner: LogitsRunner, ids: Sequence[int], request: Request) -> Iterator[int]:
+    """Tokens after the prompt ``ids``, sampled by :func:`sample_next_token`; seeded per prompt, as llama.cpp is."""
+    rng = np.random.default_rng(request.seed)
+    runner.reset()
+    logits = runner.forward(ids)[-1]
+    seen = set(ids)
+    while True:
+        token = sample_next_token(logits, request, rng, seen)
+        yield token
+        seen.add(token)
+        logits = runner.forward([token])[-1]
 
 
 def generate(runner: LogitsRunner, ids: Sequence[int], request: Request, eos: Collection[int],
              decode: Callable[[list[int]], str]) -> str:
-    """The text generated after the prompt ``ids``: at most ``request.max_tokens`` tokens (clipped to the context),
-    ending before an end-of-sequence token in ``eos`` or a stop string. Seeded per prompt, as llama.cpp is."""
+    """The text generated after the prompt ``ids`` (at most ``request.max_tokens`` tokens, clipped to the context)."""
     room = runner.context_tokens - len(ids)
     if room < 1:
-        raise _refuse(f"prompt of {len(ids)} tokens does not fit the context of {runner.context_tokens}")
-    limit = min(request.max_tokens, room)
-    rng = np.random.default_rng(request.seed)
-    runner.reset()
-    logits = runner.forward(ids)[-1]
-    generated: list[int] = []
-    seen = set(ids)
-    while True:
-        token = sample_next_token(logits, request, rng, seen)
-        if token in eos:
-            break
-        generated.append(token)
-        if request.stop and (text := _cut_at_stop(decode(generated), request.stop)) is not None:
-            return text
-        if len(generated) >= limit:
-            break
-        seen.add(token)
-        logits = runner.forward([token])[-1]
-    return decode(generated)
+        raise _refuse(f"the prompt of {len(ids)} tokens does not fit the context of {runner.context_tokens}")
+    completion = Completion()
+    for _ in stream_text(sample_tokens(runner, ids, request), request, eos, decode, min(request.max_tokens, room),
+                         completion):
+        pass
+    return completion.text
 
 
-class LogitsModelWrapper:
-    """The pyfunc face of a model whose runtime gives logits only (a :class:`LogitsRunner`): prompts in, one
-    generated string per prompt out, sampled by :func:`generate` under the request contract. ``tokenizer`` is a
-    Hugging Face tokenizer (or one that forwards to it, as mlx-lm's does)."""
+class LogitsModelWrapper(TextGenerator):
+    """The pyfunc face of a model whose runtime gives logits only (a :class:`LogitsRunner`), sampled by
+    :func:`sample_next_token`. ``tokenizer`` is a Hugging Face tokenizer (or one that forwards to it, as mlx-lm's
+    does); a runtime with another tokenizer overrides ``encode``, ``decode`` and the chat properties."""
 
     def __init__(self, runner: LogitsRunner, tokenizer: Any, eos_token_ids: Collection[int]) -> None:
+        super().__init__()
         self._runner = runner
         self._tokenizer = tokenizer
-        self._eos = frozenset(int(t) for t in eos_token_ids)
-        self._lock = threading.Lock()  # one runtime state, one sequence: servers may call predict concurrently
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
 
     def get_raw_model(self) -> LogitsRunner:
         """The underlying runner."""
@@ -334,29 +531,28 @@ class LogitsModelWrapper:
     def tokenizer(self) -> Any:
         return self._tokenizer
 
-    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
-        """One completion per prompt; ``params`` as :data:`CONTRACT` declares."""
-        request = parse_request(params, self._runner.context_tokens)
-        texts = prompts(model_input)
-        with self._lock:
-            return [generate(self._runner, self._prompt_ids(prompt, request.chat), request, self._eos, self._decode)
-                    for prompt in texts]
+    @property
+    def context_tokens(self) -> int:
+        return self._runner.context_tokens
 
-    def _decode(self, ids: list[int]) -> str:
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _prompt_ids(self, prompt: str, chat: bool) -> list[int]:
-        if chat:
-            if not getattr(self._tokenizer, "chat_template", None):
-                raise _refuse("this model's tokenizer has no chat template")
-            text = self._tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                       add_generation_prompt=True)
-            ids = self._tokenizer.encode(text, add_special_tokens=False)
-        else:
-            ids = self._tokenizer.encode(prompt)
-        if not ids:
-            raise _refuse("the prompt is empty")
-        return list(ids)
+    def sample(self, ids: list[int], request: Request) -> Iterator[int]:
+        return sample_tokens(self._runner, ids, request)
+
+    @property
+    def chat_template(self) -> str | None:
+        template = getattr(self._tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        return {name: value for name in ("bos_token", "eos_token")
+                if isinstance(value := getattr(self._tokenizer, name, None), str)}
 
 
 # -- save, log, load ------------------------------------------------------------------------------------------------

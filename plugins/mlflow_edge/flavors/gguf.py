@@ -9,7 +9,8 @@ loader code under ``code/`` and MLflow's own ``MLmodel`` and environment files. 
 :py:mod:`mlflow.pyfunc`
     ``predict(prompts, params)`` returns one generated string per prompt, under the request contract of every
     mlflow-edge flavor (:data:`mlflow_edge.flavors._common.CONTRACT`), mapped onto llama.cpp's own sampler
-    (``create_completion``; ``repetition_penalty`` is llama.cpp's ``repeat_penalty`` over its last 64 tokens).
+    (``Llama.generate``; ``repetition_penalty`` is llama.cpp's ``repeat_penalty`` over its last 64 tokens); chat
+    prompts use the GGUF's own chat template, rendered in a Jinja sandbox.
     ``model_config`` may set ``n_ctx`` at load time.
 
 Example::
@@ -29,9 +30,8 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from mlflow.exceptions import MlflowException
 from mlflow.models.model import ModelInfo
@@ -39,7 +39,6 @@ from mlflow.utils.environment import _mlflow_conda_env
 
 from mlflow_edge import cache
 from mlflow_edge.backends.llamacpp import LlamaCppBackend, require_llama_cpp
-from mlflow_edge.errors import first_line
 from mlflow_edge.flavors import _common
 
 if TYPE_CHECKING:
@@ -100,38 +99,57 @@ def load_model(model_uri: str, dst_path: str | None = None, n_ctx: int | None = 
     return _llama(local / conf["data"], n_ctx if n_ctx is not None else conf["n_ctx"])
 
 
-class _GGUFModelWrapper:
-    """The pyfunc face of a GGUF model: prompts in, one generated string per prompt out."""
+class _GGUFModelWrapper(_common.TextGenerator):
+    """The pyfunc face of a GGUF model: the shared generation loop on llama.cpp's own tokenizer and sampler, and the
+    chat template the GGUF file carries."""
 
     def __init__(self, llm: llama_cpp.Llama) -> None:
+        super().__init__()
         self._llm = llm
-        self._lock = threading.Lock()  # a Llama is not thread-safe; servers may call predict concurrently
+        self.eos_token_ids = frozenset(_end_of_generation_ids(llm))
 
     def get_raw_model(self) -> llama_cpp.Llama:
         """The underlying ``llama_cpp.Llama``."""
         return self._llm
 
-    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
-        """One completion per prompt; ``params`` as :data:`~mlflow_edge.flavors._common.CONTRACT` declares."""
-        request = _common.parse_request(params, self._llm.n_ctx())
-        texts = _common.prompts(model_input)
-        with self._lock:
-            return [self._complete(prompt, request) for prompt in texts]
+    @property
+    def context_tokens(self) -> int:
+        return self._llm.n_ctx()
 
-    def _complete(self, prompt: str, request: _common.Request) -> str:
-        kwargs = {
-            "max_tokens": request.max_tokens, "temperature": request.temperature, "top_p": request.top_p,
-            "top_k": request.top_k, "stop": list(request.stop), "seed": request.seed,
-            "repeat_penalty": request.repetition_penalty,
-            "min_p": 0.0, "typical_p": 1.0,  # llama-cpp-python's own defaults would add samplers the contract lacks
-        }
-        try:
-            if request.chat:
-                result = self._llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], **kwargs)
-                return result["choices"][0]["message"]["content"] or ""
-            return self._llm.create_completion(prompt, **kwargs)["choices"][0]["text"]
-        except ValueError as exc:  # e.g. a prompt longer than the context window
-            raise MlflowException.invalid_parameter_value(first_line(exc)) from exc
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=True)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._llm.detokenize(ids).decode("utf-8", errors="replace")
+
+    def sample(self, ids: list[int], request: _common.Request) -> Iterator[int]:
+        """llama.cpp's sampler under the contract (``repetition_penalty`` is its ``repeat_penalty`` over the last 64
+        tokens); ``min_p`` and ``typical_p`` off, since llama-cpp-python's defaults would add samplers the contract
+        lacks."""
+        self._llm.set_seed(request.seed)
+        return self._llm.generate(ids, top_k=request.top_k, top_p=request.top_p, min_p=0.0, typical_p=1.0,
+                                  temp=request.temperature, repeat_penalty=request.repetition_penalty, reset=True)
+
+    @property
+    def chat_template(self) -> str | None:
+        template = self._llm.metadata.get("tokenizer.chat_template")
+        return template if isinstance(template, str) else None
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        tokens = {"bos_token": self._llm.token_bos(), "eos_token": self._llm.token_eos()}
+        return {name: self._llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+                for name, token in tokens.items() if token >= 0}
+
+
+def _end_of_generation_ids(llm: llama_cpp.Llama) -> set[int]:
+    """The end-of-sequence and end-of-turn ids the GGUF declares."""
+    ids = {llm.token_eos()}
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        value = llm.metadata.get(key)
+        if value is not None and str(value).lstrip("-").isdigit():
+            ids.add(int(value))
+    return {i for i in ids if i >= 0}
 
 
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _GGUFModelWrapper:

@@ -40,7 +40,6 @@ import json
 import os
 import shutil
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -168,47 +167,52 @@ def load_model(model_uri: str, dst_path: str | None = None, execution_provider: 
     return genai_model(folder, int(runtime.get("threads", 0)), runtime.get("execution_provider", "cpu"))
 
 
-class _ONNXModelWrapper:
-    """The pyfunc face of an ONNX Runtime GenAI model: prompts in, one generated string per prompt out."""
+class _ONNXModelWrapper(_common.LogitsModelWrapper):
+    """The pyfunc face of an ONNX Runtime GenAI model: the shared logits loop on the GenAI runner, with the GenAI
+    tokenizer and the chat template of the model folder."""
 
-    def __init__(self, runner: ONNXRuntimeGenAIRunner, tokenizer: Any, eos_token_ids: Sequence[int]) -> None:
-        self._runner = runner
-        self._tokenizer = tokenizer
-        self._eos = frozenset(int(t) for t in eos_token_ids)
-        self._lock = threading.Lock()  # one generator, one sequence: servers may call predict concurrently
+    def __init__(self, runner: ONNXRuntimeGenAIRunner, tokenizer: Any, eos_token_ids: Sequence[int],
+                 folder: Path) -> None:
+        super().__init__(runner, tokenizer, eos_token_ids)
+        self._folder = folder
+        self._tokenizer_config = _tokenizer_config(folder)
 
     def get_raw_model(self) -> ONNXRuntimeGenAIRunner:
         """The underlying :class:`~mlflow_edge.backends.onnxruntime.ONNXRuntimeGenAIRunner`."""
         return self._runner
 
-    @property
-    def tokenizer(self) -> Any:
-        """The folder's ``onnxruntime_genai.Tokenizer``."""
-        return self._tokenizer
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        return [int(i) for i in self._tokenizer.encode(text)] if text else []  # GenAI adds what the model needs
 
-    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
-        """One completion per prompt; ``params`` as :data:`~mlflow_edge.flavors._common.CONTRACT` declares."""
-        request = _common.parse_request(params, self._runner.context_tokens)
-        texts = _common.prompts(model_input)
-        with self._lock:
-            return [_common.generate(self._runner, self._prompt_ids(prompt, request.chat), request, self._eos,
-                                     self._decode) for prompt in texts]
-
-    def _decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(np.asarray(ids, dtype=np.int32)) if ids else ""
 
-    def _prompt_ids(self, prompt: str, chat: bool) -> list[int]:
-        if chat:
-            messages = json.dumps([{"role": "user", "content": prompt}])
-            try:
-                prompt = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-            except Exception as exc:  # the GenAI tokenizer raises RuntimeError when the model has no template
-                raise MlflowException.invalid_parameter_value(
-                    f"this model's tokenizer cannot apply a chat template: {str(exc).splitlines()[0]}") from exc
-        ids = [int(i) for i in self._tokenizer.encode(prompt)] if prompt else []
-        if not ids:
-            raise MlflowException.invalid_parameter_value("the prompt is empty")
-        return ids
+    @property
+    def chat_template(self) -> str | None:
+        template = self._tokenizer_config.get("chat_template")
+        path = self._folder / "chat_template.jinja"
+        if not isinstance(template, str) and path.is_file():
+            template = path.read_text(encoding="utf-8")
+        return template if isinstance(template, str) else None
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        tokens = {}
+        for name in ("bos_token", "eos_token"):
+            value = self._tokenizer_config.get(name)
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                tokens[name] = value
+        return tokens
+
+
+def _tokenizer_config(folder: Path) -> dict[str, Any]:
+    path = folder / "tokenizer_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise EdgeError(f"cannot read {path}: {str(exc).splitlines()[0]}") from exc
+    return config if isinstance(config, dict) else {}
 
 
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _ONNXModelWrapper:
@@ -224,4 +228,4 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _ONNX
                                     context_tokens=int(runtime.get("max_context", _DEFAULT_CONTEXT)),
                                     execution_provider=runtime.get("execution_provider", "cpu"))
     tokenizer = og.Tokenizer(runner.genai_model)
-    return _ONNXModelWrapper(runner, tokenizer, list(tokenizer.eos_token_ids))
+    return _ONNXModelWrapper(runner, tokenizer, list(tokenizer.eos_token_ids), Path(path))
