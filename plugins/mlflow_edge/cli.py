@@ -319,5 +319,49 @@ def quant_types(backend: str | None) -> None:
             click.echo(f"option {name}.{spec.name} ({spec.type.__name__}, default {spec.default}): {spec.help}")
 
 
+@main.command()
+@click.argument("model_uri")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (loopback by default)")
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--poll-interval", default=30.0, show_default=True, type=float,
+              help="seconds between checks of the alias (models:/<name>@<alias>); SIGHUP checks at once")
+@click.option("--max-tokens", default=512, show_default=True, type=click.IntRange(1),
+              help="the most tokens one request may generate")
+@click.option("--max-prompt-tokens", default=None, type=click.IntRange(1),
+              help="the longest prompt in tokens (default: the model's context less one)")
+@click.option("--max-queue", default=16, show_default=True, type=click.IntRange(1),
+              help="requests queued or running before the server answers 429")
+@_one_line_errors
+def serve(model_uri: str, host: str, port: int, poll_interval: float, max_tokens: int,
+          max_prompt_tokens: int | None, max_queue: int) -> None:
+    """Serve MODEL_URI (models:/<name>@<alias>, models:/<name>/<version>, runs:/…, a model folder) over an
+    OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics."""
+    from mlflow_edge.serving import Limits
+    from mlflow_edge.serving import serve as run_server
+
+    if poll_interval <= 0:
+        raise EdgeError(f"--poll-interval must be positive, got {poll_interval}")
+    run_server(model_uri, host, port, Limits(max_tokens, max_prompt_tokens, max_queue), poll_interval)
+
+
+@main.command()
+@click.option("--url", required=True, help="the server, e.g. http://127.0.0.1:8080")
+@click.option("--interval", default=30.0, show_default=True, type=float, help="seconds per logged window")
+@click.option("--windows", default=0, show_default=True, type=click.IntRange(0),
+              help="windows to log before stopping (0: until interrupted)")
+@click.option("--max-error-rate", default=0.01, show_default=True, type=click.FloatRange(0, 1))
+@_experiment
+@_one_line_errors
+def monitor(url: str, interval: float, windows: int, max_error_rate: float, experiment: str | None) -> None:
+    """Log a running server's latency, TTFT, tokens/s and error rate to an MLflow run linked to the served version;
+    tag the version and print one line when a window breaches the gates it was promoted under."""
+    from mlflow_edge.serving.monitor import monitor as run_monitor
+
+    if interval <= 0:
+        raise EdgeError(f"--interval must be positive, got {interval}")
+    run_id = run_monitor(url, interval, windows, max_error_rate, experiment)
+    click.echo(f"monitor run {run_id}")
+
+
 if __name__ == "__main__":
     main()
