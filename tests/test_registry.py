@@ -74,3 +74,17 @@ def test_nothing_to_promote_is_an_error_and_registers_nothing(tracking_uri):
     with pytest.raises(EdgeError, match="no finished candidate runs for target 'cpu'"):
         registry.promote([experiment.experiment_id], "cpu", parse_gates(None), "min:size_mb", "nothing-edge")
     assert mlflow.MlflowClient().search_registered_models() == []
+
+
+def test_a_study_name_matches_only_itself_whatever_its_quotes(tracking_uri):
+    experiment = mlflow.set_experiment("edge")
+    studies = ["a'b", "a", "b", "a''b", "a\\'b", 'say "hi"', "it's \"both\"", "ends\\", "A'B"]
+    run_ids = {}
+    for study in studies:
+        with mlflow.start_run() as run:
+            mlflow.set_tags({"mlflow_edge.role": "candidate", "mlflow_edge.target": "cpu",
+                             "mlflow_edge.study": study, registry.MODEL_URI_TAG: "models:/m-none"})
+        run_ids[study] = run.info.run_id
+    for study in studies:
+        found = registry.candidate_runs([experiment.experiment_id], "cpu", study)
+        assert [run.info.run_id for run in found] == [run_ids[study]], study

@@ -2,26 +2,33 @@
 
 A candidate is a finished run tagged ``mlflow_edge.role=candidate`` for the target, with a logged model. Gates are
 checked again from the run's metrics (tags are never trusted), the policy ranks the feasible ones, and the winner is
-registered and aliased only if it beats the current champion. Registration and alias move together: if the alias
-cannot be set, the new version is deleted, so a failure leaves the registry as it was.
+registered and aliased only if it beats the current champion. The new version carries the readiness report
+(:mod:`mlflow_edge.readiness`) as its description and the gates in force as tag ``mlflow_edge.gates``. Registration,
+description and alias move together: if any of them fails, the new version is deleted, so a failure leaves the
+registry as it was. The report is then logged on the champion's run (``readiness/``); a failure there only warns.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from mlflow_edge.errors import EdgeError
+from mlflow_edge import readiness
+from mlflow_edge.errors import EdgeError, first_line
 from mlflow_edge.gates import GateReport, Gates
 from mlflow_edge.metrics import METRICS
+from mlflow_edge.readiness import Champion, Promoted
+from mlflow_edge.runs import progress
 
 MODEL_URI_TAG = "mlflow_edge.model_uri"
+GATES_TAG = "mlflow_edge.gates"
+"""Version tag: the gates spec the version passed (``parse_gates`` reads it back), for a later monitor."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,18 +144,46 @@ class Promotion:
 
 
 def candidate_runs(experiment_ids: Sequence[str], target: str, study: str | None = None) -> list[Run]:
-    clauses = ["tags.`mlflow_edge.role` = 'candidate'", f"tags.`mlflow_edge.target` = '{target}'",
-               "attributes.status = 'FINISHED'"]
-    if study:
-        clauses.append(f"tags.`mlflow_edge.study` = '{study}'")
+    """Finished candidate runs of ``target`` (and ``study``, when given) that logged a model, newest first."""
+    runs = _tagged_runs(experiment_ids, {"mlflow_edge.role": "candidate", "mlflow_edge.target": target,
+                                         **({"mlflow_edge.study": study} if study else {})})
+    return [run for run in runs if MODEL_URI_TAG in run.data.tags]
+
+
+def reference_run(candidate: Run) -> Run | None:
+    """The latest finished reference run of ``candidate``'s study in its experiment (``None`` without a study)."""
+    study = candidate.data.tags.get("mlflow_edge.study")
+    if not study:
+        return None
+    found = _tagged_runs([candidate.info.experiment_id], {"mlflow_edge.role": "reference", "mlflow_edge.study": study})
+    return found[0] if found else None
+
+
+def _tagged_runs(experiment_ids: Sequence[str], tags: Mapping[str, str]) -> list[Run]:
+    """Finished runs whose tags equal ``tags`` exactly, newest first. A value the filter language cannot quote
+    (it has both quote characters, or a backslash) is compared here instead of in the store."""
+    clauses = ["attributes.status = 'FINISHED'"]
+    clauses += [f"tags.`{key}` = {quoted}" for key, value in tags.items() if (quoted := _filter_literal(value))]
     runs = mlflow.search_runs(experiment_ids=list(experiment_ids), filter_string=" AND ".join(clauses),
                               output_format="list")
-    return [run for run in runs if MODEL_URI_TAG in run.data.tags]
+    return [run for run in runs if all(run.data.tags.get(key) == value for key, value in tags.items())]
+
+
+def _filter_literal(value: str) -> str | None:
+    """``value`` as a string literal of MLflow's search filter, which strips the enclosing quotes and unescapes
+    nothing: single quotes unless ``value`` holds one, else double quotes; ``None`` when neither works."""
+    if "\\" in value:
+        return None
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    return None
 
 
 def promote(experiment_ids: Sequence[str], target: str, gates: Gates, policy: str | Policy,
             registered_model: str, study: str | None = None) -> Promotion:
-    """Register the best gate-passing candidate and point ``<target>-champion`` at it (or keep a better champion)."""
+    """Register the best gate-passing candidate and point ``<target>-champion`` at it (or keep a better champion);
+    the new version's description is its readiness report."""
     policy = parse_policy(policy)
     runs = candidate_runs(experiment_ids, target, study)
     if not runs:
@@ -161,38 +196,75 @@ def promote(experiment_ids: Sequence[str], target: str, gates: Gates, policy: st
     client = MlflowClient()
     alias = champion_alias(target)
     champion = _current_champion(client, registered_model, alias)
-    pool = [run.data.metrics for run, _ in feasible] + ([champion[1]] if champion else [])
+    best, report, kept = _winner(feasible, champion, policy)
+    if kept:
+        return Promotion(registered_model, alias, best.info.run_id, champion.version, True, str(policy))
+    promoted = Promoted(registered_model=registered_model, version="", alias=alias, target=target, policy=str(policy),
+                        run=best, report=report, reference=reference_run(best), previous=champion)
+    version, text, facts = _register(client, promoted)
+    _log_report(client, best.info.run_id, text, facts)
+    return Promotion(registered_model, alias, best.info.run_id, version, False, str(policy))
+
+
+def _winner(feasible: Sequence[tuple[Run, GateReport]], champion: Champion | None,
+            policy: Policy) -> tuple[Run, GateReport, bool]:
+    """The best feasible candidate by ``policy`` (smaller ``size_mb`` breaks ties), and whether the champion stays."""
+    pool = [run.data.metrics for run, _ in feasible] + ([champion.metrics] if champion else [])
     scores = policy.scores(pool)
-    ranked = sorted(range(len(feasible)), key=lambda i: (scores[i], -feasible[i][0].data.metrics.get("size_mb",
-                                                                                                      math.inf)))
+    ranked = sorted(range(len(feasible)),
+                    key=lambda i: (scores[i], -feasible[i][0].data.metrics.get("size_mb", math.inf)))
     best, report = feasible[ranked[-1]]
-    if champion is not None and scores[-1] >= scores[ranked[-1]]:
-        return Promotion(registered_model, alias, best.info.run_id, champion[0], True, str(policy))
-    tags = {
-        "mlflow_edge.target": target,
+    return best, report, champion is not None and scores[-1] >= scores[ranked[-1]]
+
+
+def _version_tags(promoted: Promoted) -> dict[str, str]:
+    best = promoted.run
+    return {
+        "mlflow_edge.target": promoted.target,
         "mlflow_edge.study": best.data.tags.get("mlflow_edge.study", ""),
         "mlflow_edge.run_id": best.info.run_id,
         **{key: best.data.tags[key] for key in ("mlflow_edge.trial", "optuna.study") if key in best.data.tags},
         "precision": best.data.params.get("precision", ""),
         "backend": best.data.params.get("backend", ""),
         "source.sha256": best.data.params.get("source.sha256", ""),
-        "policy": str(policy),
-        **report.as_tags(),
+        "policy": promoted.policy,
+        GATES_TAG: str(promoted.report.gates),
+        **promoted.report.as_tags(),
     }
-    version = mlflow.register_model(best.data.tags[MODEL_URI_TAG], registered_model, tags=tags)
+
+
+def _register(client: MlflowClient, promoted: Promoted) -> tuple[str, str, dict[str, Any]]:
+    """Register the winner with its readiness report as description, then move the alias; on any failure the new
+    version is deleted. Returns the version, the report's Markdown and its facts."""
+    name = promoted.registered_model
+    version = str(mlflow.register_model(promoted.run.data.tags[MODEL_URI_TAG], name,
+                                        tags=_version_tags(promoted)).version)
     try:
-        client.set_registered_model_alias(registered_model, alias, version.version)
+        facts = readiness.facts(dataclasses.replace(promoted, version=version))
+        text = readiness.markdown(facts)
+        client.update_model_version(name, version, description=readiness.description(text))
+        client.set_registered_model_alias(name, promoted.alias, version)
     except Exception:
-        client.delete_model_version(registered_model, version.version)
+        client.delete_model_version(name, version)
         raise
-    return Promotion(registered_model, alias, best.info.run_id, str(version.version), False, str(policy))
+    return version, text, facts
 
 
-def _current_champion(client: MlflowClient, name: str, alias: str) -> tuple[str, dict[str, float]] | None:
+def _log_report(client: MlflowClient, run_id: str, text: str, facts: Mapping[str, Any]) -> None:
+    """The full report on the champion's run; the promotion stands if this fails (one warning line)."""
+    try:
+        client.log_text(run_id, text, f"{readiness.ARTIFACT_DIR}/readiness.md")
+        client.log_dict(run_id, dict(facts), f"{readiness.ARTIFACT_DIR}/readiness.json")
+    except Exception as exc:
+        progress(f"warning: promoted, but the readiness report could not be logged on run {run_id}: "
+                 f"{first_line(exc)}")
+
+
+def _current_champion(client: MlflowClient, name: str, alias: str) -> Champion | None:
     try:
         version = client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
     run_id = version.tags.get("mlflow_edge.run_id") or version.run_id
     metrics = client.get_run(run_id).data.metrics if run_id else {}
-    return str(version.version), metrics
+    return Champion(str(version.version), run_id, metrics)

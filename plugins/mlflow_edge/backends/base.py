@@ -180,6 +180,10 @@ class Backend(Protocol):
     """The conversion precision quantization starts from by default (``f16``)."""
     sweep_types: ClassVar[tuple[str, ...]]
     """Quantization precisions ``mlflow-edge sweep`` tries when none are given."""
+    native_serve_commands: ClassVar[tuple[str, ...]] = ()
+    """The framework's own servers for a downloaded model, as shell command templates with ``{model}`` (the model
+    file or folder), ``{port}`` and ``{name}`` (the registered model name); the readiness report of a promotion
+    lists them. Empty when the framework has no server."""
 
     def convert_precisions(self) -> Sequence[str]:
         """Precisions ``convert`` writes directly from the HF checkpoint (e.g. ``f16``)."""

@@ -402,6 +402,9 @@ class MLXBackend:
     base_precision: ClassVar[str] = "float32"
     sweep_types: ClassVar[tuple[str, ...]] = ("q3_g64", "q4_g64", "q5_g64", "q6_g64", "q8_g64", "mixed_3_6",
                                               "mixed_4_6")
+    native_serve_commands: ClassVar[tuple[str, ...]] = (  # mlx-lm's OpenAI-compatible server
+        "mlx_lm.server --model {model} --host 127.0.0.1 --port {port}",
+    )
 
     def convert_precisions(self) -> Sequence[str]:
         return CONVERT_PRECISIONS

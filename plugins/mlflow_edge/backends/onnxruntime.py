@@ -184,6 +184,7 @@ class ONNXRuntimeBackend:
     base_precision: ClassVar[str] = "fp32"  # the builder's CPU graph; fp16 is its GPU precision
     sweep_types: ClassVar[tuple[str, ...]] = ("int4_rtn", "int4_k_quant", "int4_hqq", "int8_rtn", INT8_DYNAMIC,
                                               INT8_STATIC)
+    native_serve_commands: ClassVar[tuple[str, ...]] = ()  # ONNX Runtime GenAI ships no server
 
     def convert_precisions(self) -> Sequence[str]:
         return CONVERT_PRECISIONS

@@ -145,6 +145,12 @@ class OpenVINOBackend:
     }
     base_precision: ClassVar[str] = "f16"
     sweep_types: ClassVar[tuple[str, ...]] = ("INT8_SYM", "INT8_ASYM", "INT4_SYM", "INT4_ASYM", "NF4")
+    # OpenVINO Model Server (2026.2+ builds the LLM graph of a local IR folder in memory; the folder needs the
+    # openvino_tokenizer/detokenizer models); OpenAI-compatible API under /v3
+    native_serve_commands: ClassVar[tuple[str, ...]] = (
+        "ovms --model_path {model} --model_name {name} --task text_generation --rest_bind_address 127.0.0.1 "
+        "--rest_port {port}",
+    )
 
     def convert_precisions(self) -> Sequence[str]:
         return CONVERT_PRECISIONS

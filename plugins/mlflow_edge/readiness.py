@@ -1,0 +1,265 @@
+"""The readiness report of one promotion: what became the champion, why (every gate in force), against what (the
+reference and the previous champion), measured on which machine and data, and the commands that serve it.
+
+The facts are gathered once (:func:`facts`, JSON-ready: ``readiness.json``) and rendered for people
+(:func:`markdown`: ``readiness.md``, also the registered version's description, cut by :func:`description` to what
+the registry stores). Backend-specific facts (its own servers) come from the backend class
+(``Backend.native_serve_commands``); this module names no framework.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import re
+import shlex
+from typing import Any, Mapping
+
+import mlflow
+from mlflow.entities import Run
+
+from mlflow_edge.backends import get_backend
+from mlflow_edge.errors import EdgeError
+from mlflow_edge.gates import GateReport
+from mlflow_edge.metrics import CATALOGUE
+
+DESCRIPTION_LIMIT = 5000
+"""Characters of a model version description that MLflow's SQL stores hold (a ``VARCHAR(5000)`` column)."""
+
+ARTIFACT_DIR = "readiness"
+"""Where the report lands among the champion run's artifacts (``readiness.md``, ``readiness.json``)."""
+
+SERVE_PORT = 8080
+"""The port every OpenAI-compatible server in the report listens on (they are alternatives)."""
+
+_MISSING = "–"
+
+
+@dataclasses.dataclass(frozen=True)
+class Champion:
+    """A registered version that holds (or held) the champion alias, with its run's metrics."""
+
+    version: str
+    run_id: str | None
+    metrics: Mapping[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Promoted:
+    """One promotion, as the registry made it: the new version and the runs it is compared with."""
+
+    registered_model: str
+    version: str
+    alias: str
+    target: str
+    policy: str
+    run: Run
+    report: GateReport
+    reference: Run | None = None
+    previous: Champion | None = None
+
+
+# -- facts -----------------------------------------------------------------------------------------------------
+def facts(promoted: Promoted) -> dict[str, Any]:
+    """Everything the report states, as plain JSON-ready data (non-finite numbers become ``None``)."""
+    run = promoted.run
+    params, tags = run.data.params, run.data.tags
+    return {
+        "registered_model": promoted.registered_model,
+        "version": promoted.version,
+        "alias": promoted.alias,
+        "model_uri": f"models:/{promoted.registered_model}@{promoted.alias}",
+        "target": promoted.target,
+        "study": tags.get("mlflow_edge.study", ""),
+        "run_id": run.info.run_id,
+        "policy": promoted.policy,
+        "artifact": {"backend": params.get("backend", ""), "format": params.get("format", ""),
+                     "precision": params.get("precision", ""), "size_mb": _finite(run.data.metrics.get("size_mb"))},
+        "gates": gate_facts(promoted.report),
+        "comparison": comparison(run, promoted.reference, promoted.previous),
+        "hardware": _prefixed(tags, "hw."),
+        "versions": _prefixed(tags, "version."),
+        "data": {k: v for k, v in sorted(params.items()) if k.startswith(("eval.", "calib."))},
+        "source": {k: params[k] for k in ("source", "source.sha256") if k in params},
+        "serve": serve_commands(promoted.registered_model, promoted.version, promoted.alias,
+                                params.get("backend", "")),
+    }
+
+
+def gate_facts(report: GateReport) -> dict[str, Any]:
+    """The gates in force: the parseable spec, the overall result, and per AND group its OR gates with the
+    candidate's value (``None`` when missing), threshold and result."""
+    groups = [{"group": str(group.group), "status": group.status,
+               "gates": [{"metric": r.gate.metric, "op": r.gate.op, "threshold": r.gate.threshold,
+                          "value": _finite(r.value), "status": r.status} for r in group.results]}
+              for group in report.groups]
+    return {"spec": str(report.gates), "passed": report.passed, "groups": groups}
+
+
+def comparison(run: Run, reference: Run | None, previous: Champion | None) -> dict[str, Any]:
+    """The catalogue metrics any of the three has, side by side: this candidate, the reference, the previous
+    champion (``None`` where one lacks a metric or does not exist)."""
+    columns = {"candidate": run.data.metrics, "reference": reference.data.metrics if reference else {},
+               "previous_champion": previous.metrics if previous else {}}
+    rows = [{"metric": m.name, "unit": m.unit, "better": m.better,
+             **{column: _finite(metrics.get(m.name)) for column, metrics in columns.items()}}
+            for m in CATALOGUE if any(m.name in metrics for metrics in columns.values())]
+    return {
+        "reference": {"run_id": reference.info.run_id} if reference else None,
+        "previous_champion": {"version": previous.version, "run_id": previous.run_id} if previous else None,
+        "metrics": rows,
+    }
+
+
+def serve_commands(name: str, version: str, alias: str, backend: str) -> list[dict[str, Any]]:
+    """Shell commands that serve the champion: mlflow-edge's OpenAI-compatible server, MLflow's pyfunc server, and
+    the backend's own servers on the downloaded model file or folder (when it has any)."""
+    uri = shlex.quote(f"models:/{name}@{alias}")
+    servers = [
+        {"server": "mlflow-edge (OpenAI-compatible)",
+         "commands": [f"mlflow-edge serve {uri} --host 127.0.0.1 --port {SERVE_PORT}"]},
+        {"server": "MLflow pyfunc (/invocations)",
+         "commands": [f"mlflow models serve -m {uri} --env-manager local --host 127.0.0.1 --port 5000"]},
+    ]
+    native = _native_commands(name, version, backend)
+    if native:
+        servers.append({"server": f"{backend}'s own server (on the downloaded model)", "commands": native})
+    return servers
+
+
+def _native_commands(name: str, version: str, backend: str) -> list[str]:
+    """``mlflow artifacts download`` of the version, then the backend's server templates on the model inside."""
+    try:
+        templates = tuple(getattr(get_backend(backend), "native_serve_commands", ()))
+    except EdgeError:
+        return []
+    entry = _model_entry(f"models:/{name}/{version}", backend) if templates else None
+    if not entry:
+        return []
+    folder = re.sub(r"[^\w.-]+", "_", name) + f"-v{version}"
+    model = shlex.quote(f"{folder}/{entry}")
+    download = f"mlflow artifacts download -u {shlex.quote(f'models:/{name}/{version}')} -d {shlex.quote(folder)}"
+    return [download] + [t.format(model=model, port=SERVE_PORT, name=shlex.quote(name)) for t in templates]
+
+
+def _model_entry(model_uri: str, backend: str) -> str | None:
+    """The model file or folder of ``model_uri`` (its flavor's ``data`` entry in MLmodel); ``None`` when unknown."""
+    try:
+        flavor_name = importlib.import_module(get_backend(backend).flavor).FLAVOR_NAME
+        conf = mlflow.models.get_model_info(model_uri).flavors.get(flavor_name) or {}
+    except Exception:  # an unreadable model or flavor: the report lists the servers that need neither
+        return None
+    entry = conf.get("data")
+    return str(entry) if entry else None
+
+
+def _prefixed(tags: Mapping[str, str], prefix: str) -> dict[str, str]:
+    return {k: v for k, v in sorted(tags.items()) if k.startswith(prefix)}
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+# -- rendering -------------------------------------------------------------------------------------------------
+def markdown(report: Mapping[str, Any]) -> str:
+    """The report for people, sections in order of importance (a cut description keeps the first ones)."""
+    sections = [_summary(report), _gates_section(report["gates"]), _serve_section(report["serve"]),
+                _comparison_section(report), _provenance_section(report)]
+    return "\n\n".join(sections) + "\n"
+
+
+def description(text: str, limit: int = DESCRIPTION_LIMIT) -> str:
+    """``text`` as a model version description: whole when it fits ``limit``, else its leading sections that fit and
+    a pointer to the full report among the run's artifacts."""
+    if len(text) <= limit:
+        return text
+    note = f"\n\n*Cut to fit the registry: the full report is the run artifact `{ARTIFACT_DIR}/readiness.md`.*\n"
+    kept = ""
+    for section in text.split("\n\n## "):
+        candidate = section if not kept else f"{kept}\n\n## {section}"
+        if len(candidate) + len(note) > limit:
+            break
+        kept = candidate
+    return (kept or text[: limit - len(note)]).rstrip() + note
+
+
+def _summary(report: Mapping[str, Any]) -> str:
+    artifact = report["artifact"]
+    size = f"{_number(artifact['size_mb'])} MB" if artifact["size_mb"] is not None else _MISSING
+    source = report["source"]
+    rows = [
+        ("registered model", f"`{report['registered_model']}` version {report['version']}"),
+        ("alias", f"`{report['alias']}` (target `{report['target']}`)"),
+        ("candidate run", f"`{report['run_id']}` (study `{report['study'] or _MISSING}`)"),
+        ("policy", f"`{report['policy']}`"),
+        ("artifact", f"backend `{artifact['backend']}`, format `{artifact['format']}`, "
+                     f"precision `{artifact['precision']}`, size {size}"),
+        ("source", f"`{source.get('source', _MISSING)}` (sha256 `{source.get('source.sha256', _MISSING)}`)"),
+    ]
+    title = f"# Readiness: {report['registered_model']} version {report['version']} @{report['alias']}"
+    return title + "\n\n" + _table(("", ""), rows)
+
+
+def _gates_section(gates: Mapping[str, Any]) -> str:
+    passed = sum(group["status"] == "pass" for group in gates["groups"])
+    head = f"## Gates: {'PASS' if gates['passed'] else 'FAIL'} {passed}/{len(gates['groups'])}"
+    rows = []
+    for group in gates["groups"]:
+        for index, gate in enumerate(group["gates"]):
+            op = "≥" if gate["op"] == ">=" else "≤"
+            group_cell = f"`{group['group']}`: {group['status']}" if index == 0 else "or"
+            value = _number(gate["value"]) if gate["value"] is not None else "missing"
+            rows.append((gate["metric"], value, f"{op} {_number(gate['threshold'])}", gate["status"], group_cell))
+    spec = f"Spec: `{gates['spec']}` (every group must pass; a group passes when any of its gates does)."
+    return f"{head}\n\n{spec}\n\n" + _table(("gate", "value", "threshold", "result", "group"), rows)
+
+
+def _serve_section(servers: list[Mapping[str, Any]]) -> str:
+    parts = ["## Serve", "With `MLFLOW_TRACKING_URI` pointing at this tracking server:"]
+    for server in servers:
+        parts.append(f"{server['server']}:\n\n```sh\n" + "\n".join(server["commands"]) + "\n```")
+    return "\n\n".join(parts)
+
+
+def _comparison_section(report: Mapping[str, Any]) -> str:
+    compared = report["comparison"]
+    reference = compared["reference"]
+    previous = compared["previous_champion"]
+    reference_head = f"reference (run `{reference['run_id'][:8]}`)" if reference else "reference (none)"
+    previous_head = f"previous champion (version {previous['version']})" if previous else "previous champion (none)"
+    rows = [(row["metric"], row["unit"], row["better"], *(_number(row[c]) for c in
+                                                         ("candidate", "reference", "previous_champion")))
+            for row in compared["metrics"]]
+    header = ("metric", "unit", "better", f"this (version {report['version']})", reference_head, previous_head)
+    return "## Comparison\n\n" + _table(header, rows)
+
+
+def _provenance_section(report: Mapping[str, Any]) -> str:
+    parts = ["## Provenance"]
+    for title, values in (("Evaluation and calibration data", report["data"]),
+                          ("Hardware", report["hardware"]), ("Framework versions", report["versions"])):
+        body = _table(("", ""), [(f"`{k}`", v) for k, v in values.items()]) if values else _MISSING
+        parts.append(f"### {title}\n\n{body}")
+    return "\n\n".join(parts)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return _MISSING
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
