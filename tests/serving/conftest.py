@@ -1,0 +1,138 @@
+"""Helpers of the server tests: a sqlite store with registered tiny models, and a real ``mlflow-edge serve`` process
+on a loopback port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from mlflow_edge import flavors
+from mlflow_edge.backends.base import Artifact
+
+LOOPBACK = "127.0.0.1"
+
+
+class Store:
+    """A sqlite MLflow store in ``root`` where tiny models are logged, registered and aliased."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.uri = f"sqlite:///{root / 'mlflow.db'}"
+
+    def register(self, artifact: Artifact, name: str, alias: str | None = None, **kwargs: Any) -> str:
+        """Log ``artifact`` in a new run, register it as a version of ``name`` (and point ``alias`` at it)."""
+        previous, cwd = mlflow.get_tracking_uri(), os.getcwd()
+        os.chdir(self.root)  # the default artifact root is ./mlruns
+        try:
+            mlflow.set_tracking_uri(self.uri)
+            with mlflow.start_run():
+                info = flavors.log_artifact_model(artifact, name="model", **kwargs)
+            version = str(mlflow.register_model(info.model_uri, name).version)
+            if alias:
+                MlflowClient().set_registered_model_alias(name, alias, version)
+        finally:
+            os.chdir(cwd)
+            mlflow.set_tracking_uri(previous)
+        return version
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+class EdgeServer:
+    """``mlflow-edge serve <model_uri>`` on a free loopback port, in its own session."""
+
+    def __init__(self, store: Store, model_uri: str, log_file: Path, *args: str) -> None:
+        self.port = free_port()
+        self.base = f"http://{LOOPBACK}:{self.port}"
+        self.log_file = log_file
+        env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri, "NO_PROXY": LOOPBACK, "no_proxy": LOOPBACK}
+        cmd = [sys.executable, "-m", "mlflow_edge.cli", "serve", model_uri, "--host", LOOPBACK, "--port",
+               str(self.port), *args]
+        self._log = open(log_file, "w")
+        self.process = subprocess.Popen(cmd, env=env, cwd=store.root, stdout=self._log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = 180) -> EdgeServer:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.process.poll() is not None:
+                pytest.fail(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready in {timeout_s:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.3)
+
+    def health(self) -> dict[str, Any]:
+        return httpx.get(f"{self.base}/health", timeout=10).json()
+
+    def wait_for_version(self, version: str, timeout_s: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while (health := self.health())["version"] != version:
+            if time.monotonic() > deadline:
+                pytest.fail(f"still serving {health} after {timeout_s:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.3)
+        return health
+
+    def post(self, route: str, body: Any, raw: bytes | None = None) -> httpx.Response:
+        content = raw if raw is not None else json.dumps(body).encode()
+        return httpx.post(f"{self.base}{route}", content=content, headers={"Content-Type": "application/json"},
+                          timeout=120)
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.base}/metrics", timeout=10).text
+
+    def hangup(self) -> None:
+        os.kill(self.process.pid, signal.SIGHUP)
+
+    def log_tail(self) -> str:
+        return self.log_file.read_text()[-3000:]
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=20)
+        finally:
+            self._log.close()
+
+
+@pytest.fixture()
+def edge_server(tmp_path: Path) -> Iterator[Any]:
+    """``edge_server(store, model_uri, *args)``: a started, ready server; stopped after the test."""
+    servers: list[EdgeServer] = []
+
+    def start(store: Store, model_uri: str, *args: str) -> EdgeServer:
+        server = EdgeServer(store, model_uri, tmp_path / f"serve-{len(servers)}.log", *args)
+        servers.append(server)
+        return server.wait_ready()
+
+    yield start
+    for server in servers:
+        server.stop()
