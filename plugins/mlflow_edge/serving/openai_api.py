@@ -3,9 +3,10 @@
 Requests are checked by pydantic models that refuse unknown fields: OpenAI's ``model``, ``prompt``/``messages``,
 ``max_tokens`` (chat: also ``max_completion_tokens``), ``temperature``, ``top_p``, ``stop`` (a string or a list),
 ``seed``, ``stream``, ``stream_options.include_usage``, ``n`` (1), ``user``, and the extensions ``top_k`` and
-``repetition_penalty`` that llama.cpp's and vLLM's servers accept too. ``presence_penalty``/``frequency_penalty`` other
-than 0, ``logprobs`` and ``echo`` are refused as unsupported rather than ignored. Unset params take the contract's
-defaults (greedy, 64 tokens), which differ from OpenAI's (temperature 1, 16 tokens for completions).
+``repetition_penalty`` that other OpenAI-compatible LLM servers accept too. ``presence_penalty`` or
+``frequency_penalty`` other than 0, ``logprobs`` and ``echo`` are refused as unsupported rather than ignored. Unset
+params take the contract's defaults (greedy, 64 tokens), which differ from OpenAI's (temperature 1, 16 tokens for
+completions).
 """
 
 from __future__ import annotations
