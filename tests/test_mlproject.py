@@ -56,6 +56,11 @@ def test_main_entry_point_converts_searches_and_promotes(tracking_uri, tiny_sour
     assert len(parent) == 1 and parent.iloc[0]["tags.mlflow.project.entryPoint"] == "main"
     assert parent.iloc[0]["params.trials"] == "2" and "base llamacpp f16" in done.stderr.lower()
     assert champion.tags["mlflow_edge.run_id"] in set(runs[runs["tags.mlflow_edge.role"] == "candidate"]["run_id"])
+    # the flow leaves the readiness report as the version's description and on the champion's run
+    assert champion.description.startswith("# Readiness: tiny-main version")
+    assert "mlflow-edge serve models:/tiny-main@cpu-champion" in champion.description
+    report = mlflow.artifacts.load_dict(f"runs:/{champion.tags['mlflow_edge.run_id']}/readiness/readiness.json")
+    assert report["gates"]["passed"] and report["comparison"]["reference"]["run_id"]
 
 
 @pytest.mark.slow
