@@ -24,9 +24,15 @@ def _cached_artifact(kind: str, key: Mapping[str, Any], build: Callable[[Path], 
         (tmp / "artifact.json").write_text(json.dumps(data, sort_keys=True))
 
     folder = cache.get_or_build(kind, key, build_into)
-    data = json.loads((folder / "artifact.json").read_text())
-    data["path"] = str(folder / data["path"])
-    data["files"] = [str(folder / f) for f in data["files"]]
+    return read_artifact_record(folder)
+
+
+def read_artifact_record(folder: Path) -> Artifact:
+    """The :class:`Artifact` that ``folder/artifact.json`` records; its paths must stay inside ``folder``."""
+    record = folder / "artifact.json"
+    data = json.loads(record.read_text())
+    data["path"] = str(cache.inside(folder, data["path"], str(record)))
+    data["files"] = [str(cache.inside(folder, f, str(record))) for f in data["files"]]
     return Artifact.from_json(json.dumps(data))
 
 

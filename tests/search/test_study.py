@@ -161,7 +161,7 @@ def test_a_failing_trial_fails_alone(tracking_uri, tiny_source, monkeypatch):
         raise EdgeError("llama.cpp could not quantize: simulated")
 
     monkeypatch.setattr(study_module, "quantize", broken)
-    with pytest.raises(EdgeError, match="no finished candidate runs"):
+    with pytest.raises(EdgeError, match="no evaluated candidate runs"):
         run_search(str(tiny_source.path), trials=1, gates=GATES, registered_model=MODEL_NAME,
                    settings=study_module.EvalSettings(window=64, windows=2, threads=2, repeats=2, prefill_tokens=64,
                                                       prompt_tokens=16, decode_tokens=8))
@@ -182,7 +182,7 @@ def _study(name: str) -> optuna.Study:
 
 def test_a_trial_failing_the_accuracy_gate_on_the_first_windows_is_pruned(tracking_uri, tiny_source, settings):
     result = None
-    with pytest.raises(EdgeError, match="no finished candidate runs"):
+    with pytest.raises(EdgeError, match="no evaluated candidate runs"):
         result = run_search(str(tiny_source.path), trials=2, gates="accuracy_retention>=1.5", settings=settings,
                             screen_windows=1, registered_model=MODEL_NAME)
     assert result is None

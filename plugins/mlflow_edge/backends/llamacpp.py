@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import time
@@ -22,7 +21,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from mlflow_edge import cache
+from mlflow_edge import cache, procs
 from mlflow_edge.backends.base import Artifact, Generation, OptionSpec, option_bool, typed_options
 from mlflow_edge.errors import EdgeError
 
@@ -84,6 +83,11 @@ class LlamaCppBackend:
     }
     base_precision: ClassVar[str] = "f16"
     sweep_types: ClassVar[tuple[str, ...]] = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_1", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
+    # llama.cpp's own server binary, and llama-cpp-python's (its [server] extra): both OpenAI-compatible
+    native_serve_commands: ClassVar[tuple[str, ...]] = (
+        "llama-server -m {model} --host 127.0.0.1 --port {port}",
+        "python -m llama_cpp.server --model {model} --host 127.0.0.1 --port {port}",
+    )
 
     def convert_precisions(self) -> Sequence[str]:
         return CONVERT_PRECISIONS
@@ -141,12 +145,14 @@ class LlamaCppBackend:
         precision = precision.lower()
         if precision not in CONVERT_PRECISIONS:
             raise EdgeError(f"unknown GGUF conversion type '{precision}' (choose from {', '.join(CONVERT_PRECISIONS)})")
+        _refuse_remote_code(source)
         out_dir.mkdir(parents=True, exist_ok=True)
         script = converter_dir() / "convert_hf_to_gguf.py"
         partial = out_dir / (_GGUF_NAME + ".partial")
         cmd = [sys.executable, str(script), str(source.path), "--outfile", str(partial), "--outtype", precision]
         env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # use the sdist's own gguf-py
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # the converter reads the local folder only
+        proc = procs.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0 or not partial.is_file():
             partial.unlink(missing_ok=True)
             raise EdgeError(f"convert_hf_to_gguf.py failed for {source.name}: {_last_error_line(proc.stderr)}")
@@ -218,7 +224,7 @@ class LlamaCppBackend:
             "imatrix": str(imatrix_path) if imatrix_path else None,
         }
         partial = Path(spec["output"])
-        proc = subprocess.run(
+        proc = procs.run(
             [sys.executable, "-m", "mlflow_edge.backends.llamacpp", json.dumps(spec)], capture_output=True, text=True
         )
         if proc.returncode != 0 or not partial.is_file():
@@ -240,6 +246,17 @@ class LlamaCppBackend:
     # -- load ----------------------------------------------------------------------------------------------------
     def load(self, artifact: Artifact, threads: int, context_tokens: int) -> "LlamaCppRunner":
         return LlamaCppRunner(artifact.path, threads=threads, context_tokens=context_tokens)
+
+
+def _refuse_remote_code(source: Any) -> None:
+    """convert_hf_to_gguf.py loads some tokenizers with ``trust_remote_code=True``: never start it on a folder that
+    could make that run code."""
+    from mlflow_edge.sources import remote_code_reason
+
+    reason = remote_code_reason(Path(source.path))
+    if reason:
+        raise EdgeError(f"convert_hf_to_gguf.py is not run on {source.name}: it could execute the model's own code "
+                        f"({reason})")
 
 
 def _tensor_type(options: Mapping[str, Any], key: str) -> int | None:
@@ -360,7 +377,7 @@ def _extract_scripts(version: str, out_dir: Path) -> None:
     if not sdist.is_file():
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
                f"llama-cpp-python=={version}", "-d", str(downloads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = procs.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not sdist.is_file():
             raise EdgeError(f"cannot fetch the llama-cpp-python {version} sdist for convert_hf_to_gguf.py: "
                             f"{_last_error_line(proc.stderr)}")
@@ -401,7 +418,7 @@ def compute_imatrix(source: Any, base: Artifact, calibration: Any, out_path: Pat
     name_map = gguf.get_tensor_name_map(arch, block_count)
 
     tokenizer = AutoTokenizer.from_pretrained(source.path)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, use_safetensors=True)
     model.eval()
     tokens = tokenizer(calibration.text(), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     n_chunks = min(chunks, len(tokens) // chunk_tokens)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mlflow_edge import cache
+from mlflow_edge import cache, procs
 from mlflow_edge.backends.base import Artifact
 from mlflow_edge.errors import EdgeError
 from mlflow_edge.evaluation.data import TextSlice, evaluation_text
@@ -187,7 +186,7 @@ class Evaluator:
         with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
             spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
             spec_path.write_text(json.dumps(spec))
-            proc = subprocess.run(
+            proc = procs.run(
                 [sys.executable, "-m", "mlflow_edge.evaluation.worker", str(spec_path), str(result_path)],
                 capture_output=True, text=True,
             )

@@ -19,6 +19,7 @@ from typing import Any
 from mlflow.models import Model
 from mlflow.models.model import ModelInfo
 
+from mlflow_edge import cache
 from mlflow_edge.backends import backend_for_format
 from mlflow_edge.backends.base import Artifact
 from mlflow_edge.errors import EdgeError, first_line
@@ -69,7 +70,9 @@ def artifact_from_model(model_uri: str, dst_path: str | None = None) -> Artifact
     conf = model.flavors.get(flavor_name)
     if conf is None:
         raise EdgeError(f"{model_uri} has no '{flavor_name}' flavor for its format '{info['format']}'")
-    path = local / conf["data"]
+    what = f"the MLmodel file of {model_uri}"
+    path = cache.inside(local, conf["data"], what)
+    files = tuple(cache.inside(path, name, what) for name in conf.get("model_files") or ())
     return Artifact(
         path=path,
         backend=str(info["backend"]),
@@ -79,5 +82,5 @@ def artifact_from_model(model_uri: str, dst_path: str | None = None) -> Artifact
         source_sha256=str(info.get("source_sha256", "")),
         num_parameters=int(info.get("num_parameters", 0)),
         options=dict(info.get("options") or {}),
-        files=tuple(path / name for name in conf["model_files"]) if conf.get("model_files") else (path,),
+        files=files or (path,),
     )

@@ -20,6 +20,7 @@ process; they are marked FAIL (with their MLflow runs) and do not count against 
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import math
 import tempfile
@@ -36,7 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mlflow_edge import registry
 from mlflow_edge.artifacts import convert, quantize
 from mlflow_edge.backends import get_backend
-from mlflow_edge.errors import EdgeError
+from mlflow_edge.errors import EdgeError, first_line
 from mlflow_edge.evaluation.data import TextSlice, calibration_text, check_disjoint
 from mlflow_edge.evaluation.harness import EvalSettings, Evaluator
 from mlflow_edge.gates import Gates, parse_gates
@@ -64,6 +65,9 @@ ACCURACY_SIZE_OBJECTIVE: tuple[tuple[str, str], ...] = (("size_mb", "minimize"),
 
 DONE_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 STALE_REASON = "interrupted: the trial was left RUNNING by a stopped search"
+CONNECT_TIMEOUT_S = 10
+"""How long opening a networked Optuna storage may wait for its server (one attempt, no retries)."""
+_CONNECT_TIMEOUT_DRIVERS = frozenset({"psycopg", "psycopg2", "pymysql", "mysqldb"})  # take ``connect_timeout``
 
 
 def parse_objectives(spec: str, accuracy_only: bool = False) -> tuple[tuple[str, str], ...]:
@@ -142,7 +146,7 @@ def write_search_report(study: optuna.Study, objectives: Sequence[tuple[str, str
     table = pareto_table(study, objectives)
     table.to_csv(out_dir / "pareto.csv", index=False)
     (out_dir / "pareto.html").write_text(
-        f"<h1>Pareto front of {study.study_name}</h1>\n"
+        f"<h1>Pareto front of {html.escape(study.study_name)}</h1>\n"
         + table.to_html(index=False, float_format=lambda v: f"{v:.4g}"),
         encoding="utf-8")
     study.trials_dataframe().to_csv(out_dir / "trials.csv", index=False)
@@ -321,6 +325,8 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
     calibration = calibration_text(calibration_path)
     check_disjoint(settings.text, calibration)
     storage_url = storage or default_storage()
+    storage_label = redacted(storage_url)
+    optuna_storage = open_storage(storage_url)
 
     with tracked_run(run_name, experiment, tags=run_tags(target, "search", "study", backends)) as parent:
         source = resolve_source(model)
@@ -331,7 +337,7 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
             raise EdgeError(f"no backend for target '{target}' can convert {source.name}: "
                             + "; ".join(unsupported.values()))
         name = study_name or f"{source.name}-{target}"
-        mlflow.set_tags({"mlflow_edge.study": name, "optuna.study": name, "optuna.storage": storage_url,
+        mlflow.set_tags({"mlflow_edge.study": name, "optuna.study": name, "optuna.storage": storage_label,
                          "mlflow_edge.measured": "accuracy,size" if accuracy_only else "all"})
         if dropped:
             mlflow.set_tag("gates.dropped", ",".join(dropped))
@@ -344,7 +350,7 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
         for backend in backends:  # convert once per (source, backend); every trial reuses it from the cache
             base = convert(source, backend)
             progress(f"base {backend} {base.precision}: {base.size_bytes / 1e6:.1f} MB")
-        study = open_study(storage_url, name, goals, objectives)
+        study = open_study(optuna_storage, name, goals, objectives, storage_label)
         stale = fail_stale_trials(study)
         _fail_stale_runs(parent.info.experiment_id, name, parent.info.run_id)
         if stale:
@@ -382,7 +388,7 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
         progress(f"Pareto front: {len(table)} feasible trial(s) of {len(study.trials)} "
                  f"({', '.join(f'{v} {k}' for k, v in counts.items())})")
         promotion = promote_study(parent, name, source, target, gate_spec, promotion_policy, registered_model)
-        return {"study": name, "storage": storage_url, "run_id": parent.info.run_id, "trials": len(study.trials),
+        return {"study": name, "storage": storage_label, "run_id": parent.info.run_id, "trials": len(study.trials),
                 "new_trials": len(study.trials) - before, "pareto": table.to_dict("records"),
                 "promotion": promotion.describe()}
 
@@ -402,13 +408,52 @@ def starting_points(backends: Sequence[str]) -> list[dict[str, Any]]:
     return [{"backend": name, **point} for name in backends for point in get_backend(name).starting_points()]
 
 
-def open_study(storage_url: str, name: str, goals: Sequence[tuple[str, str]], objectives: str) -> optuna.Study:
-    """Create the study ``name`` in ``storage_url``, or load it when it exists with the same objectives."""
+def redacted(storage_url: str) -> str:
+    """``storage_url`` with its password shown as ``***``: what tags, params and messages may hold."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     try:
-        study = optuna.create_study(storage=storage_url, study_name=name, load_if_exists=True,
+        return make_url(storage_url).render_as_string(hide_password=True)
+    except ArgumentError:
+        raise EdgeError("the Optuna storage is not a database URL (e.g. sqlite:///optuna.db)") from None
+
+
+def open_storage(storage_url: str) -> optuna.storages.BaseStorage:
+    """Connect to the Optuna RDB storage once, waiting at most :data:`CONNECT_TIMEOUT_S` for a server; a missing
+    driver or an unreachable server is a one-line error that never shows the password."""
+    from sqlalchemy.engine import make_url
+
+    label, url = redacted(storage_url), make_url(storage_url)
+    try:
+        return optuna.storages.RDBStorage(storage_url, engine_kwargs=_connect_kwargs(url))
+    except Exception as exc:  # driver import, connection and schema errors come in many classes
+        cause = f" ({first_line(exc.__cause__)})" if isinstance(exc, ImportError) and exc.__cause__ else ""
+        reason = first_line(exc) + cause
+        if url.password:
+            reason = reason.replace(str(url.password), "***")
+        raise EdgeError(f"cannot open the Optuna storage {label}: {reason}") from None
+
+
+def _connect_kwargs(url: Any) -> dict[str, Any]:
+    """SQLAlchemy engine arguments that bound the wait for a database server, for drivers that take one."""
+    try:
+        driver = url.get_driver_name()
+    except Exception:  # an unknown dialect: RDBStorage names it
+        return {}
+    return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}} if driver in _CONNECT_TIMEOUT_DRIVERS else {}
+
+
+def open_study(storage: str | optuna.storages.BaseStorage, name: str, goals: Sequence[tuple[str, str]],
+               objectives: str, storage_label: str | None = None) -> optuna.Study:
+    """Create the study ``name`` in ``storage``, or load it when it exists with the same objectives
+    (``storage_label``: how messages name the storage, without its password)."""
+    label = storage_label or (redacted(storage) if isinstance(storage, str) else type(storage).__name__)
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True,
                                     directions=[d for _, d in goals])
     except ValueError as exc:
-        raise EdgeError(f"cannot open Optuna study '{name}' in {storage_url}: {exc}".splitlines()[0]) from None
+        raise EdgeError(f"cannot open Optuna study '{name}' in {label}: {exc}".splitlines()[0]) from None
     if [d.name.lower() for d in study.directions] != [d for _, d in goals] or (
             study.metric_names not in (None, [m for m, _ in goals])):
         raise EdgeError(f"Optuna study '{name}' has other objectives than '{objectives}'; use another study name")

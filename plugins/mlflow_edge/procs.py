@@ -1,0 +1,102 @@
+"""Child processes that cannot outlive mlflow-edge or run forever.
+
+Every child mlflow-edge starts (converters, quantizers, the evaluation worker, pip) goes through :func:`run`: it runs
+in its own process group with a time limit (``$MLFLOW_EDGE_CHILD_TIMEOUT`` seconds, default 14400; 0 turns it off),
+the whole group is killed when the limit passes or the caller is interrupted, and on Linux the kernel kills the child
+when its parent dies (``PR_SET_PDEATHSIG``), even by ``SIGKILL``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from mlflow_edge.errors import EdgeError
+
+TIMEOUT_ENV = "MLFLOW_EDGE_CHILD_TIMEOUT"
+DEFAULT_TIMEOUT_S = 4 * 3600.0
+_PR_SET_PDEATHSIG = 1
+
+
+def child_timeout() -> float | None:
+    """``$MLFLOW_EDGE_CHILD_TIMEOUT`` in seconds (default 4 hours); None when it is 0 (no limit)."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    try:
+        seconds = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0 or seconds == float("inf"):
+        raise EdgeError(f"{TIMEOUT_ENV} must be a number of seconds (0: no limit), got {text!r}")
+    return seconds or None
+
+
+def tool_name(cmd: Sequence[str]) -> str:
+    """What ``cmd`` runs, for messages: the module of ``python -m``, the script of ``python script``, else the
+    program."""
+    args = [str(a) for a in cmd]
+    if len(args) > 2 and Path(args[0]).name.startswith("python") and args[1] == "-m":
+        return args[2]
+    if len(args) > 1 and Path(args[0]).name.startswith("python") and not args[1].startswith("-"):
+        return Path(args[1]).name
+    return Path(args[0]).name if args else "child process"
+
+
+def run(cmd: Sequence[str], *, timeout: float | None = None, **kwargs: Any) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, **kwargs)`` in a new process group that dies with this process, limited to ``timeout``
+    seconds (default :func:`child_timeout`). Passing the limit is an :class:`EdgeError` naming the tool and the limit.
+
+    The parent-death signal is tied to the calling thread: call this from a thread that outlives the child.
+    """
+    limit = child_timeout() if timeout is None else timeout
+    stdin = kwargs.pop("input", None)
+    if stdin is not None:
+        kwargs["stdin"] = subprocess.PIPE
+    if kwargs.pop("capture_output", False):
+        kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent(), **kwargs) as proc:
+        try:
+            out, err = proc.communicate(stdin, timeout=limit)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise EdgeError(f"{tool_name(cmd)} did not finish within {limit:g} s "
+                            f"(the limit is set by {TIMEOUT_ENV})") from None
+        except BaseException:  # KeyboardInterrupt: the child is in its own group and got no SIGINT
+            _kill_group(proc)
+            raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the child's whole process group (its own children too), then reap the child."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.kill()
+    proc.communicate()
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking the kernel to SIGKILL the child when this process dies (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl, parent = _prctl(), os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+@functools.lru_cache(maxsize=1)
+def _prctl() -> Callable[..., int]:
+    """libc's ``prctl``, looked up once in this process (never in the forked child)."""
+    return ctypes.CDLL(None, use_errno=True).prctl
