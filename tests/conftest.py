@@ -78,3 +78,22 @@ def tiny_settings():
 
     return EvalSettings(window=64, windows=2, threads=2, repeats=2, prefill_tokens=64, prompt_tokens=16,
                         decode_tokens=8)
+
+
+@pytest.fixture(scope="session")
+def stub_gguf(tmp_path_factory: pytest.TempPathFactory):
+    """A valid GGUF with one 4×8 tensor: enough for the gguf flavor to log and the registry to register."""
+    import gguf
+    import numpy as np
+
+    from mlflow_edge.backends.base import Artifact
+
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Artifact(path=path, backend="llamacpp", format="gguf", precision="Q4_K_M", source_name="tiny",
+                    source_sha256="ab" * 32, num_parameters=32)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import mlflow
-import numpy as np
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -24,22 +23,6 @@ FIRST = {"size_mb": 140.0, "compression_ratio": 3.5, "accuracy_retention": 0.97,
 SMALLER = {**FIRST, "size_mb": 100.0, "compression_ratio": 4.9}
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
-    """A valid GGUF with one 4×8 tensor: enough for the gguf flavor to log and the registry to register."""
-    import gguf
-
-    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return Artifact(path=path, backend="llamacpp", format="gguf", precision="Q4_K_M", source_name="tiny",
-                    source_sha256="ab" * 32, num_parameters=32)
-
-
 def _run(role: str, study: str, metrics: dict[str, float], params: dict[str, str]) -> str:
     tags = {"mlflow_edge.role": role, "mlflow_edge.target": "cpu", "mlflow_edge.study": study, **HARDWARE, **VERSIONS}
     with mlflow.start_run(tags=tags) as run:
@@ -52,6 +35,7 @@ def _candidate(artifact: Artifact, metrics: dict[str, float], study: str = STUDY
     run_id = _run("candidate", study, {}, {**runs.artifact_params(artifact, "cpu"), **DATA})
     with mlflow.start_run(run_id=run_id):
         runs.log_model_with_metrics(artifact, metrics)
+        mlflow.set_tags(parse_gates(None).check(metrics).as_tags())  # evaluated, as the flows do
     return run_id
 
 
@@ -64,11 +48,11 @@ def _run_report(run_id: str) -> dict:
     return mlflow.artifacts.load_dict(f"runs:/{run_id}/readiness/readiness.json")
 
 
-def test_promotion_describes_the_version_with_gates_comparison_hardware_and_serve_commands(tracking_uri, tiny_gguf):
+def test_promotion_describes_the_version_with_gates_comparison_hardware_and_serve_commands(tracking_uri, stub_gguf):
     mlflow.set_experiment("edge")
     reference_id = _run("reference", STUDY, REFERENCE, {"backend": "transformers"})
     _run("reference", "other-study", {**REFERENCE, "perplexity": 99.0}, {"backend": "transformers"})
-    run_id = _candidate(tiny_gguf, FIRST)
+    run_id = _candidate(stub_gguf, FIRST)
 
     promotion = _promote()
 
@@ -100,12 +84,12 @@ def test_promotion_describes_the_version_with_gates_comparison_hardware_and_serv
     assert facts["source"] == {"source": "tiny", "source.sha256": "ab" * 32}
 
 
-def test_second_promotion_names_the_previous_champion(tracking_uri, tiny_gguf):
+def test_second_promotion_names_the_previous_champion(tracking_uri, stub_gguf):
     mlflow.set_experiment("edge")
     _run("reference", STUDY, REFERENCE, {"backend": "transformers"})
-    first_id = _candidate(tiny_gguf, FIRST)
+    first_id = _candidate(stub_gguf, FIRST)
     assert _promote().version == "1"
-    second_id = _candidate(tiny_gguf, SMALLER)
+    second_id = _candidate(stub_gguf, SMALLER)
 
     promotion = _promote()
 
@@ -115,11 +99,11 @@ def test_second_promotion_names_the_previous_champion(tracking_uri, tiny_gguf):
     assert _run_report(second_id)["comparison"]["previous_champion"] == {"version": "1", "run_id": first_id}
 
 
-def test_a_failed_description_leaves_no_new_version_and_the_alias_in_place(tracking_uri, tiny_gguf, monkeypatch):
+def test_a_failed_description_leaves_no_new_version_and_the_alias_in_place(tracking_uri, stub_gguf, monkeypatch):
     mlflow.set_experiment("edge")
-    _candidate(tiny_gguf, FIRST)
+    _candidate(stub_gguf, FIRST)
     _promote()
-    second_id = _candidate(tiny_gguf, SMALLER)
+    second_id = _candidate(stub_gguf, SMALLER)
 
     def refuse(self, *args, **kwargs):
         raise MlflowException("description refused")
@@ -134,10 +118,10 @@ def test_a_failed_description_leaves_no_new_version_and_the_alias_in_place(track
     assert client.list_artifacts(second_id, "readiness") == []
 
 
-def test_a_report_that_cannot_be_logged_keeps_the_promotion_and_warns_once(tracking_uri, tiny_gguf, monkeypatch,
+def test_a_report_that_cannot_be_logged_keeps_the_promotion_and_warns_once(tracking_uri, stub_gguf, monkeypatch,
                                                                            capsys):
     mlflow.set_experiment("edge")
-    run_id = _candidate(tiny_gguf, FIRST)
+    run_id = _candidate(stub_gguf, FIRST)
 
     def refuse(self, *args, **kwargs):
         raise OSError("disk full")

@@ -47,13 +47,15 @@ def test_bad_policies_are_refused(spec):
         registry.parse_policy(spec)
 
 
-def test_only_finished_candidates_of_the_target_with_a_model_compete(tracking_uri):
+def test_only_finished_evaluated_candidates_of_the_target_with_a_model_compete(tracking_uri):
     experiment = mlflow.set_experiment("edge")
-    def make(role, target, status="FINISHED", model=True):
+    def make(role, target, status="FINISHED", model=True, evaluated=True):
         with mlflow.start_run() as run:
             tags = {"mlflow_edge.role": role, "mlflow_edge.target": target}
             if model:
                 tags[registry.MODEL_URI_TAG] = "models:/m-none"
+            if evaluated:
+                tags[registry.EVALUATED_TAG] = "pass"
             mlflow.set_tags(tags)
             mlflow.log_metric("size_mb", 1.0)
         if status != "FINISHED":
@@ -65,13 +67,14 @@ def test_only_finished_candidates_of_the_target_with_a_model_compete(tracking_ur
     make("reference", "cpu")
     make("candidate", "cpu", status="FAILED")
     make("candidate", "cpu", model=False)
+    make("candidate", "cpu", evaluated=False)  # a logged model never measured (a standalone convert) is no candidate
     found = registry.candidate_runs([experiment.experiment_id], "cpu")
     assert [run.info.run_id for run in found] == [keep]
 
 
 def test_nothing_to_promote_is_an_error_and_registers_nothing(tracking_uri):
     experiment = mlflow.set_experiment("edge")
-    with pytest.raises(EdgeError, match="no finished candidate runs for target 'cpu'"):
+    with pytest.raises(EdgeError, match="no evaluated candidate runs for target 'cpu'"):
         registry.promote([experiment.experiment_id], "cpu", parse_gates(None), "min:size_mb", "nothing-edge")
     assert mlflow.MlflowClient().search_registered_models() == []
 
@@ -83,7 +86,8 @@ def test_a_study_name_matches_only_itself_whatever_its_quotes(tracking_uri):
     for study in studies:
         with mlflow.start_run() as run:
             mlflow.set_tags({"mlflow_edge.role": "candidate", "mlflow_edge.target": "cpu",
-                             "mlflow_edge.study": study, registry.MODEL_URI_TAG: "models:/m-none"})
+                             "mlflow_edge.study": study, registry.MODEL_URI_TAG: "models:/m-none",
+                             "gates.result": "pass"})
         run_ids[study] = run.info.run_id
     for study in studies:
         found = registry.candidate_runs([experiment.experiment_id], "cpu", study)

@@ -139,9 +139,11 @@ def evaluate(model: str, artifact_uri: str, target: str, gates: str | None, eval
               help="max:<metric>, min:<metric> or weighted:max:<metric>=<w>,min:<metric>=<w>,…")
 @click.option("--registered-model", required=True, help="registered model name")
 @click.option("--study", default=None, help="only candidates of this study (parent run id)")
+@click.option("--model", default=None,
+              help="only candidates of this source model (name or sha256; default: the champion's, or the only one)")
 @_one_line_errors
 def promote(experiment: str, target: str, gates: str | None, policy: str, registered_model: str,
-            study: str | None) -> None:
+            study: str | None, model: str | None) -> None:
     """Register the best gate-passing candidate and set the <target>-champion alias."""
     import mlflow
 
@@ -158,7 +160,7 @@ def promote(experiment: str, target: str, gates: str | None, policy: str, regist
     with tracked_run("promote", experiment):
         log_new_params({"target": target, "gates": str(gate_spec), "policy": policy,
                         "registered_model": registered_model})
-        result = registry.promote([found.experiment_id], target, gate_spec, policy, registered_model, study)
+        result = registry.promote([found.experiment_id], target, gate_spec, policy, registered_model, study, model)
         mlflow.set_tag("mlflow_edge.promotion", result.describe())
     click.echo(result.describe())
 

@@ -43,6 +43,7 @@ class Champion:
     version: str
     run_id: str | None
     metrics: Mapping[str, float]
+    source_sha256: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,16 +10,17 @@ registry as it was. The report is then logged on the champion's run (``readiness
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from mlflow_edge import readiness
+from mlflow_edge import cache, readiness
 from mlflow_edge.errors import EdgeError, first_line
 from mlflow_edge.gates import GateReport, Gates
 from mlflow_edge.metrics import METRICS
@@ -27,6 +28,10 @@ from mlflow_edge.readiness import Champion, Promoted
 from mlflow_edge.runs import progress
 
 MODEL_URI_TAG = "mlflow_edge.model_uri"
+EVALUATED_TAG = "gates.result"
+"""Set on a run whose artifact the harness measured and whose gates were checked: only such runs are candidates."""
+PROMOTION_TAG = "mlflow_edge.promotion"
+"""Version tag: ``pending`` from registration until the alias is set, then ``done``."""
 GATES_TAG = "mlflow_edge.gates"
 """Version tag: the gates spec the version passed (``parse_gates`` reads it back), for a later monitor."""
 
@@ -144,10 +149,11 @@ class Promotion:
 
 
 def candidate_runs(experiment_ids: Sequence[str], target: str, study: str | None = None) -> list[Run]:
-    """Finished candidate runs of ``target`` (and ``study``, when given) that logged a model, newest first."""
+    """Finished candidate runs of ``target`` (and ``study``, when given) that logged a model and were evaluated (their
+    gates checked), newest first."""
     runs = _tagged_runs(experiment_ids, {"mlflow_edge.role": "candidate", "mlflow_edge.target": target,
                                          **({"mlflow_edge.study": study} if study else {})})
-    return [run for run in runs if MODEL_URI_TAG in run.data.tags]
+    return [run for run in runs if MODEL_URI_TAG in run.data.tags and EVALUATED_TAG in run.data.tags]
 
 
 def reference_run(candidate: Run) -> Run | None:
@@ -181,29 +187,82 @@ def _filter_literal(value: str) -> str | None:
 
 
 def promote(experiment_ids: Sequence[str], target: str, gates: Gates, policy: str | Policy,
-            registered_model: str, study: str | None = None) -> Promotion:
+            registered_model: str, study: str | None = None, source: str | None = None) -> Promotion:
     """Register the best gate-passing candidate and point ``<target>-champion`` at it (or keep a better champion);
-    the new version's description is its readiness report."""
+    the new version's description is its readiness report.
+
+    Candidates are the evaluated runs of ``study`` (every study when ``None``) of one source model: ``source`` (its
+    name or sha256), else the champion's, else the only one there is. Promotions of one registered model and alias
+    run one at a time on this machine; a version an interrupted promotion left registered but not aliased is adopted
+    when its run wins, else removed. Promoting the same run again changes nothing. The champion is kept only while
+    it passes ``gates``.
+    """
     policy = parse_policy(policy)
-    runs = candidate_runs(experiment_ids, target, study)
+    alias = champion_alias(target)
+    with _promotion_lock(registered_model, alias):
+        client = MlflowClient()
+        champion = _current_champion(client, registered_model, alias)
+        feasible = _feasible(_same_source(candidate_runs(experiment_ids, target, study), champion, source), gates,
+                             target)
+        standing = champion if champion is not None and gates.check(champion.metrics).passed else None
+        best, report, kept = _winner(feasible, standing, policy)
+        if kept:
+            return Promotion(registered_model, alias, best.info.run_id, champion.version, True, str(policy))
+        promoted = Promoted(registered_model=registered_model, version="", alias=alias, target=target,
+                            policy=str(policy), run=best, report=report, reference=reference_run(best),
+                            previous=champion)
+        version, text, facts = _register(client, promoted, _settle_interrupted(client, registered_model, best))
+    _log_report(client, best.info.run_id, text, facts)
+    return Promotion(registered_model, alias, best.info.run_id, version, False, str(policy))
+
+
+def _feasible(runs: Sequence[Run], gates: Gates, target: str) -> list[tuple[Run, GateReport]]:
     if not runs:
-        raise EdgeError(f"no finished candidate runs for target '{target}'; nothing registered")
-    checked: list[tuple[Run, GateReport]] = [(run, gates.check(run.data.metrics)) for run in runs]
+        raise EdgeError(f"no evaluated candidate runs for target '{target}'; nothing registered")
+    checked = [(run, gates.check(run.data.metrics)) for run in runs]
     feasible = [(run, report) for run, report in checked if report.passed]
     if not feasible:
         raise EdgeError(f"none of {len(runs)} candidates passed the gates {gates}; nothing registered, "
                         "champion unchanged")
-    client = MlflowClient()
-    alias = champion_alias(target)
-    champion = _current_champion(client, registered_model, alias)
-    best, report, kept = _winner(feasible, champion, policy)
-    if kept:
-        return Promotion(registered_model, alias, best.info.run_id, champion.version, True, str(policy))
-    promoted = Promoted(registered_model=registered_model, version="", alias=alias, target=target, policy=str(policy),
-                        run=best, report=report, reference=reference_run(best), previous=champion)
-    version, text, facts = _register(client, promoted)
-    _log_report(client, best.info.run_id, text, facts)
-    return Promotion(registered_model, alias, best.info.run_id, version, False, str(policy))
+    return feasible
+
+
+def _same_source(runs: Sequence[Run], champion: Champion | None, source: str | None) -> list[Run]:
+    """The runs of one source model: ``source`` (name or sha256), else the champion's, else the only one."""
+    def sha(run: Run) -> str:
+        return run.data.params.get("source.sha256", "")
+
+    if source:
+        return [run for run in runs if source in (run.data.params.get("source"), sha(run))]
+    if champion is not None and champion.source_sha256:
+        return [run for run in runs if sha(run) == champion.source_sha256]
+    sources = {sha(run): run.data.params.get("source", "?") for run in runs}
+    if len(sources) > 1:
+        raise EdgeError(f"the candidates come from {len(sources)} source models ({', '.join(sorted(sources.values()))})"
+                        "; name one with --model, or promote one --study")
+    return list(runs)
+
+
+@contextlib.contextmanager
+def _promotion_lock(registered_model: str, alias: str) -> Iterator[None]:
+    """One promotion of ``registered_model@alias`` at a time on this machine (per tracking store)."""
+    key = cache.key_digest({"tracking_uri": mlflow.get_tracking_uri(), "model": registered_model, "alias": alias})
+    with cache.file_lock(cache.subfolder("locks") / f"promote-{key}.lock"):
+        yield
+
+
+def _settle_interrupted(client: MlflowClient, name: str, winner: Run) -> str | None:
+    """Versions an interrupted promotion registered but never finished: the winner's is returned (to adopt),
+    the others are deleted."""
+    adopt = None
+    for version in client.search_model_versions(f"name = {_filter_literal(name) or repr(name)}"):
+        if version.tags.get(PROMOTION_TAG) != "pending" or version.aliases:
+            continue
+        if version.tags.get("mlflow_edge.run_id") == winner.info.run_id and adopt is None:
+            adopt = str(version.version)
+        else:
+            client.delete_model_version(name, version.version)
+    return adopt
 
 
 def _winner(feasible: Sequence[tuple[Run, GateReport]], champion: Champion | None,
@@ -233,12 +292,13 @@ def _version_tags(promoted: Promoted) -> dict[str, str]:
     }
 
 
-def _register(client: MlflowClient, promoted: Promoted) -> tuple[str, str, dict[str, Any]]:
-    """Register the winner with its readiness report as description, then move the alias; on any failure the new
-    version is deleted. Returns the version, the report's Markdown and its facts."""
+def _register(client: MlflowClient, promoted: Promoted, adopted: str | None = None) -> tuple[str, str, dict[str, Any]]:
+    """Register the winner (or finish the ``adopted`` version an interrupted promotion left) with its readiness
+    report as description, then move the alias; on any failure the version is deleted. Returns the version, the
+    report's Markdown and its facts."""
     name = promoted.registered_model
-    version = str(mlflow.register_model(promoted.run.data.tags[MODEL_URI_TAG], name,
-                                        tags=_version_tags(promoted)).version)
+    tags = {**_version_tags(promoted), PROMOTION_TAG: "pending"}
+    version = adopted or str(mlflow.register_model(promoted.run.data.tags[MODEL_URI_TAG], name, tags=tags).version)
     try:
         facts = readiness.facts(dataclasses.replace(promoted, version=version))
         text = readiness.markdown(facts)
@@ -247,6 +307,7 @@ def _register(client: MlflowClient, promoted: Promoted) -> tuple[str, str, dict[
     except Exception:
         client.delete_model_version(name, version)
         raise
+    client.set_model_version_tag(name, version, PROMOTION_TAG, "done")
     return version, text, facts
 
 
@@ -267,4 +328,4 @@ def _current_champion(client: MlflowClient, name: str, alias: str) -> Champion |
         return None
     run_id = version.tags.get("mlflow_edge.run_id") or version.run_id
     metrics = client.get_run(run_id).data.metrics if run_id else {}
-    return Champion(str(version.version), run_id, metrics)
+    return Champion(str(version.version), run_id, metrics, version.tags.get("source.sha256", ""))

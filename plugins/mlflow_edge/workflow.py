@@ -68,7 +68,7 @@ def run_convert(model: str, backend: str | None = None, precision: str | None = 
     backend = backend or default_backend(target)
     precision = precision or get_backend(backend).base_precision
     out = ensure_writable(output_dir)
-    with tracked_run(f"convert-{precision}", experiment, tags=run_tags(target, "convert", "candidate", [backend])):
+    with tracked_run(f"convert-{precision}", experiment, tags=run_tags(target, "convert", "artifact", [backend])):
         source = resolve_source(model)
         progress(f"converting {source.name} to {backend} {precision}")
         artifact = convert(source, backend, precision)
@@ -84,7 +84,7 @@ def run_quantize(model: str, precision: str, backend: str | None = None, base_pr
     get_target(target)
     backend = backend or default_backend(target)
     out = ensure_writable(output_dir)
-    with tracked_run(f"quantize-{precision}", experiment, tags=run_tags(target, "quantize", "candidate", [backend])):
+    with tracked_run(f"quantize-{precision}", experiment, tags=run_tags(target, "quantize", "artifact", [backend])):
         source = resolve_source(model)
         calibration = calibration_text(calibration_path)
         base = convert(source, backend, base_precision)
