@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from mlflow_edge import procs
 from mlflow_edge.errors import EdgeError, first_line
 
 MANIFEST = ".complete"
@@ -203,31 +204,7 @@ def _remember_hashed(folder: Path) -> None:
 # -- temporary build folders ---------------------------------------------------------------------------------------
 def _build_folder(final: Path) -> Path:
     """A new temporary folder beside ``final``, named by its owner process: ``<digest>.<pid>-<start>.<random>.tmp``."""
-    return Path(tempfile.mkdtemp(prefix=f"{final.name}.{_process_id(os.getpid())}.", suffix=".tmp", dir=final.parent))
-
-
-def _process_id(pid: int) -> str:
-    """``<pid>-<start time>`` (the start time tells a reused pid apart), or ``<pid>`` where /proc is absent."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return f"{pid}-{stat.rsplit(')', 1)[1].split()[19]}"
-    except (OSError, IndexError):
-        return str(pid)
-
-
-def _owner_alive(owner: str) -> bool:
-    pid = owner.split("-", 1)[0]
-    if not pid.isdigit():
-        return False
-    if "-" in owner:
-        return _process_id(int(pid)) == owner
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return Path(tempfile.mkdtemp(prefix=f"{final.name}.{procs.process_id()}.", suffix=".tmp", dir=final.parent))
 
 
 def _remove_stale_builds(base: Path) -> None:
@@ -239,7 +216,7 @@ def _remove_stale_builds(base: Path) -> None:
     for tmp in base.glob("*.tmp"):
         parts = tmp.name.split(".")
         owner = parts[1] if len(parts) == 4 else ""  # legacy folders (<digest>.<random>.tmp) have no owner
-        if tmp.is_dir() and not tmp.is_symlink() and not _owner_alive(owner):
+        if tmp.is_dir() and not tmp.is_symlink() and not procs.process_alive(owner):
             with _lock_if_free(base / f"{parts[0]}.lock") as free:
                 if free:
                     shutil.rmtree(tmp, ignore_errors=True)

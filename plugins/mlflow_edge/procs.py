@@ -12,6 +12,7 @@ import ctypes
 import functools
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,43 @@ def _die_with_parent() -> Callable[[], None] | None:
 def _prctl() -> Callable[..., int]:
     """libc's ``prctl``, looked up once in this process (never in the forked child)."""
     return ctypes.CDLL(None, use_errno=True).prctl
+
+
+# -- which process owns a thing -------------------------------------------------------------------------------------
+def process_id(pid: int | None = None) -> str:
+    """``<pid>-<start time>`` of ``pid`` (default: this process); the start time tells a reused pid apart. Just
+    ``<pid>`` where /proc is absent."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return f"{pid}-{stat.rsplit(')', 1)[1].split()[19]}"
+    except (OSError, IndexError):
+        return str(pid)
+
+
+def process_alive(owner: str) -> bool:
+    """Whether the process named by ``owner`` (a :func:`process_id` of this machine) still runs."""
+    pid = owner.split("-", 1)[0]
+    if not pid.isdigit():
+        return False
+    if "-" in owner:
+        return process_id(int(pid)) == owner
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def owner_tag() -> str:
+    """``<host>:<process id>``: who runs a run or a trial, so another process can tell a dead owner on this host."""
+    return f"{socket.gethostname()}:{process_id()}"
+
+
+def owner_gone(owner: str | None) -> bool:
+    """True only when ``owner`` (an :func:`owner_tag`) is a process of this host that no longer runs; a process on
+    another host, or no owner, is never declared gone."""
+    host, _, process = (owner or "").rpartition(":")
+    return bool(process) and host == socket.gethostname() and not process_alive(process)

@@ -25,7 +25,7 @@ from mlflow_edge.errors import EdgeError, first_line
 from mlflow_edge.gates import GateReport, Gates
 from mlflow_edge.metrics import METRICS
 from mlflow_edge.readiness import Champion, Promoted
-from mlflow_edge.runs import progress
+from mlflow_edge.runs import filter_literal, progress
 
 MODEL_URI_TAG = "mlflow_edge.model_uri"
 EVALUATED_TAG = "gates.result"
@@ -169,21 +169,10 @@ def _tagged_runs(experiment_ids: Sequence[str], tags: Mapping[str, str]) -> list
     """Finished runs whose tags equal ``tags`` exactly, newest first. A value the filter language cannot quote
     (it has both quote characters, or a backslash) is compared here instead of in the store."""
     clauses = ["attributes.status = 'FINISHED'"]
-    clauses += [f"tags.`{key}` = {quoted}" for key, value in tags.items() if (quoted := _filter_literal(value))]
+    clauses += [f"tags.`{key}` = {quoted}" for key, value in tags.items() if (quoted := filter_literal(value))]
     runs = mlflow.search_runs(experiment_ids=list(experiment_ids), filter_string=" AND ".join(clauses),
                               output_format="list")
     return [run for run in runs if all(run.data.tags.get(key) == value for key, value in tags.items())]
-
-
-def _filter_literal(value: str) -> str | None:
-    """``value`` as a string literal of MLflow's search filter, which strips the enclosing quotes and unescapes
-    nothing: single quotes unless ``value`` holds one, else double quotes; ``None`` when neither works."""
-    if "\\" in value:
-        return None
-    for quote in ("'", '"'):
-        if quote not in value:
-            return f"{quote}{value}{quote}"
-    return None
 
 
 def promote(experiment_ids: Sequence[str], target: str, gates: Gates, policy: str | Policy,
@@ -255,7 +244,7 @@ def _settle_interrupted(client: MlflowClient, name: str, winner: Run) -> str | N
     """Versions an interrupted promotion registered but never finished: the winner's is returned (to adopt),
     the others are deleted."""
     adopt = None
-    for version in client.search_model_versions(f"name = {_filter_literal(name) or repr(name)}"):
+    for version in client.search_model_versions(f"name = {filter_literal(name) or repr(name)}"):
         if version.tags.get(PROMOTION_TAG) != "pending" or version.aliases:
             continue
         if version.tags.get("mlflow_edge.run_id") == winner.info.run_id and adopt is None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import mlflow
 
-from mlflow_edge import flavors
+from mlflow_edge import flavors, procs
 from mlflow_edge.backends import get_backend
 from mlflow_edge.backends.base import Artifact
 from mlflow_edge.errors import EdgeError
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 DEFAULT_EXPERIMENT = "mlflow-edge"
 ERROR_TAG = "mlflow_edge.error"
 PRUNED_TAG = "mlflow_edge.pruned"
+OWNER_TAG = "mlflow_edge.owner"
+"""``<host>:<pid>-<start time>`` of the process that runs the run (:func:`mlflow_edge.procs.owner_tag`)."""
 
 
 def progress(message: str) -> None:
@@ -41,25 +43,49 @@ def tracked_run(run_name: str, experiment: str | None = None, nested: bool = Fal
     """A run that ends FAILED with the reason tagged when the body raises; resumes the run ``mlflow run`` made.
 
     An exception of a class in ``stopped_early`` (a search pruning a candidate on purpose) ends it KILLED instead,
-    tagged ``mlflow_edge.pruned`` with the reason.
+    tagged ``mlflow_edge.pruned`` with the reason. The run is tagged with its owner process (:data:`OWNER_TAG`), so a
+    later search can tell a run whose process died. However the body fails (runs it left open, a store that refuses
+    the tag), this run is ended and the active run is again the one before it.
     """
     if not nested and mlflow.active_run() is None and "MLFLOW_RUN_ID" not in os.environ:
         mlflow.set_experiment(experiment or DEFAULT_EXPERIMENT)
     run = mlflow.start_run(run_name=None if (not nested and "MLFLOW_RUN_ID" in os.environ) else run_name,
-                           nested=nested, tags=dict(tags or {}))
+                           nested=nested, tags={**dict(tags or {}), OWNER_TAG: procs.owner_tag()})
     try:
         yield run
     except stopped_early as exc:
-        mlflow.set_tag(PRUNED_TAG, str(exc)[:5000] or "pruned")
-        mlflow.end_run("KILLED")
+        _end(run.info.run_id, "KILLED", PRUNED_TAG, str(exc)[:5000] or "pruned")
         raise
     except BaseException as exc:
         reason = str(exc) if isinstance(exc, EdgeError) else f"{type(exc).__name__}: {exc}"
-        mlflow.set_tag(ERROR_TAG, reason.splitlines()[0][:5000] if reason else type(exc).__name__)
-        mlflow.end_run("FAILED")
+        _end(run.info.run_id, "FAILED", ERROR_TAG, reason.splitlines()[0][:5000] if reason else type(exc).__name__)
         raise
     else:
-        mlflow.end_run("FINISHED")
+        _end(run.info.run_id, "FINISHED")
+
+
+def _end(run_id: str, status: str, tag: str | None = None, reason: str = "") -> None:
+    """End ``run_id`` with ``status`` (tagging ``reason`` first), and every run the body left open above it."""
+    try:
+        if tag:
+            mlflow.MlflowClient().set_tag(run_id, tag, reason)
+    finally:
+        while (active := mlflow.active_run()) is not None:
+            above = active.info.run_id != run_id
+            mlflow.end_run(status if not above or status != "FINISHED" else "FAILED")
+            if not above:
+                break
+
+
+def filter_literal(value: str) -> str | None:
+    """``value`` as a string literal of MLflow's search filter, which strips the enclosing quotes and unescapes
+    nothing: single quotes unless ``value`` holds one, else double quotes; ``None`` when neither works."""
+    if "\\" in value:
+        return None
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    return None
 
 
 def log_new_params(params: Mapping[str, Any]) -> None:

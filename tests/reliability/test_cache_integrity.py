@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from mlflow_edge import cache
+from mlflow_edge import cache, procs
 
 KEY = {"source": "abc", "precision": "Q4_K_M"}
 
@@ -92,7 +91,7 @@ def test_build_folders_of_dead_processes_are_removed_live_ones_kept(tmp_path: Pa
     digest = cache.key_digest({"other": 1})
     stale = base / f"{digest}.{dead_pid()}-123.abc_12.tmp"
     legacy = base / f"{digest}.k9x2_abc.tmp"  # named before build folders named their owner
-    live = base / f"{digest}.{cache._process_id(os.getpid())}.def_34.tmp"
+    live = base / f"{digest}.{procs.process_id()}.def_34.tmp"
     for folder in (stale, legacy, live):
         folder.mkdir()
         (folder / "half-written.gguf").write_bytes(b"\0" * 1024)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -10,9 +14,11 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from mlflow_edge import procs
 from mlflow_edge.errors import EdgeError
 from mlflow_edge.search import backends_for, run_search
-from mlflow_edge.search.study import fail_stale_trials, parse_objectives, starting_points
+from mlflow_edge.search import study as study_module
+from mlflow_edge.search.study import fail_stale_trials, open_storage, parse_objectives, starting_points
 
 GATES = "accuracy_retention>=0.9"
 MODEL_NAME = "tiny-search-edge"
@@ -113,6 +119,11 @@ def test_search_resumes_the_remaining_budget(searched, tiny_source, settings):
         assert trials[3].params == trials[twin].params and trials[3].values == trials[twin].values
         assert children["tags.mlflow_edge.trial"].dropna().empty
 
+    done = run_search(str(tiny_source.path), trials=4, seed=0, gates=GATES, settings=settings,
+                      registered_model=MODEL_NAME)  # nothing left to run: nothing is measured again
+    assert done["new_trials"] == 0 and "kept" in done["promotion"]
+    assert _runs()[lambda t: t["tags.mlflow.parentRunId"] == done["run_id"]].empty  # not even the reference
+
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"trials": 0}, "budget of 0"),
@@ -135,14 +146,71 @@ def test_bad_inputs_are_one_line_errors_and_register_nothing(tracking_uri, tiny_
     assert not Path("optuna.db").exists()
 
 
-def test_stale_running_trials_are_failed(tmp_path):
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s")
+STALE_CHILD = """
+import sys, time
+import optuna
+from mlflow_edge.search.study import open_storage
+
+study = optuna.load_study(study_name="s", storage=open_storage(sys.argv[1]))
+study.optimize(lambda trial: time.sleep(float(sys.argv[2])) or 1.0, n_trials=1)
+"""
+
+
+def _running(study: optuna.Study) -> list[int]:
+    return [t.number for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))]
+
+
+def _wait_running(study: optuna.Study, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while len(_running(study)) < count:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_only_trials_of_a_stopped_search_are_failed(tmp_path, monkeypatch):
+    """Heartbeats (one per second here) tell a live search's trial from a killed one's; on this host a trial whose
+    owner process is gone is failed at once."""
+    monkeypatch.setenv("MLFLOW_EDGE_TRIAL_HEARTBEAT", "1")  # stale after 4 s of silence
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(storage=open_storage(url), study_name="s")
     study.tell(study.ask(), 1.0)
-    study.ask()  # left RUNNING, as by a killed process
-    assert fail_stale_trials(study) == [1]
-    states = [t.state for t in study.trials]
-    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
-    assert fail_stale_trials(study) == []  # nothing left to fail
+    live = subprocess.Popen([sys.executable, "-c", STALE_CHILD, url, "30"])  # trial 1: a live search, 30 s long
+    _wait_running(study, 1)
+    killed = subprocess.Popen([sys.executable, "-c", STALE_CHILD, url, "60"])  # trial 2: killed mid-trial
+    _wait_running(study, 2)
+    killed.kill()
+    killed.wait()
+    owned = study.ask()  # trial 3: owned by a process of this host that is gone
+    owned.set_user_attr("owner", f"{socket.gethostname()}:{killed.pid}-1")
+    mine = study.ask()  # trial 4: owned by this (live) process, no heartbeat
+    mine.set_user_attr("owner", procs.owner_tag())
+    try:
+        assert fail_stale_trials(study) == [3]  # at once: its owner is gone; the killed trial is not yet stale
+        time.sleep(6)  # past the grace period
+        assert fail_stale_trials(study) == [2]  # silent for longer than the grace period
+        assert _running(study) == [1, 4]  # the live search's trial and ours are untouched
+        assert fail_stale_trials(study) == []
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_runs_of_a_stopped_search_are_ended_and_live_ones_kept(tracking_uri):
+    mlflow.set_experiment("edge")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    owners = {"reference of a killed search": f"{socket.gethostname()}:{gone.stdout.strip()}-1",
+              "live search": procs.owner_tag(), "other host": "elsewhere:1-1"}
+    client = MlflowClient()
+    ids = {}
+    for name, owner in owners.items():
+        run = client.create_run(mlflow.get_experiment_by_name("edge").experiment_id,
+                                tags={"mlflow_edge.study": "s'1", "mlflow_edge.owner": owner})
+        ids[name] = run.info.run_id
+    study_module._fail_stale_runs(mlflow.get_experiment_by_name("edge").experiment_id, "s'1")
+    status = {name: client.get_run(run_id).info.status for name, run_id in ids.items()}
+    assert status == {"reference of a killed search": "FAILED", "live search": "RUNNING", "other host": "RUNNING"}
+    assert client.get_run(ids["reference of a killed search"]).data.tags["mlflow_edge.error"].startswith(
+        "interrupted")
 
 
 def test_objectives():

@@ -23,6 +23,7 @@ import dataclasses
 import html
 import json
 import math
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -34,7 +35,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
-from mlflow_edge import registry
+from mlflow_edge import procs, registry
 from mlflow_edge.artifacts import convert, quantize
 from mlflow_edge.backends import get_backend
 from mlflow_edge.errors import EdgeError, first_line
@@ -44,8 +45,10 @@ from mlflow_edge.gates import Gates, parse_gates
 from mlflow_edge.metrics import ACCURACY_SIZE_METRICS, METRICS
 from mlflow_edge.runs import (
     ERROR_TAG,
+    OWNER_TAG,
     evaluate_candidate,
     evaluate_reference,
+    filter_literal,
     log_new_params,
     progress,
     promote_study,
@@ -65,6 +68,9 @@ ACCURACY_SIZE_OBJECTIVE: tuple[tuple[str, str], ...] = (("size_mb", "minimize"),
 
 DONE_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 STALE_REASON = "interrupted: the trial was left RUNNING by a stopped search"
+HEARTBEAT_ENV = "MLFLOW_EDGE_TRIAL_HEARTBEAT"
+DEFAULT_HEARTBEAT_S = 60
+"""Seconds between a running trial's heartbeats in the Optuna storage; a trial silent for four of them is stale."""
 CONNECT_TIMEOUT_S = 10
 """How long opening a networked Optuna storage may wait for its server (one attempt, no retries)."""
 _CONNECT_TIMEOUT_DRIVERS = frozenset({"psycopg", "psycopg2", "pymysql", "mysqldb"})  # take ``connect_timeout``
@@ -100,22 +106,53 @@ def default_storage() -> str:
 
 
 def fail_stale_trials(study: optuna.Study) -> list[int]:
-    """Mark trials left RUNNING (by a stopped process) FAIL through ``study.tell``; return their numbers. Their MLflow
-    runs get the reason (:data:`STALE_REASON`)."""
-    stale = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
-    for number in stale:
-        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
-    return stale
+    """Mark FAIL the trials a stopped search left RUNNING, and end their MLflow runs FAILED (:data:`STALE_REASON`);
+    return their numbers. Stale are the trials whose owner process on this host is gone, and, on any host, those
+    whose Optuna heartbeat is older than the storage's grace period: a live search's trials are never touched."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in running:
+        if procs.owner_gone(trial.user_attrs.get("owner")):
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            fail_trial_run(study, trial)
+    with warnings.catch_warnings():  # Optuna calls heartbeats experimental; they are what RDB storages offer
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # the heartbeat's way; its callback ends the MLflow runs
+    still = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    return sorted(t.number for t in running if t.number not in still)
 
 
-def _fail_stale_runs(experiment_id: str, study_name: str, current_run: str) -> None:
+def fail_trial_run(study: optuna.Study, trial: FrozenTrial) -> None:
+    """End the MLflow run of a stale ``trial`` FAILED (the storage's stale-trial callback)."""
+    run_id = trial.user_attrs.get("run_id")
+    if run_id:
+        _fail_run(MlflowClient(), run_id)
+
+
+def _fail_run(client: MlflowClient, run_id: str) -> None:
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_tag(run_id, ERROR_TAG, STALE_REASON)
+        client.set_terminated(run_id, "FAILED")
+
+
+def _fail_stale_runs(experiment_id: str, study_name: str) -> None:
+    """End FAILED the runs of the study (parent, reference, trials) left RUNNING by a process of this host that is
+    gone; runs of live processes, or of other hosts, stay."""
     client = MlflowClient()
-    query = f"tags.`optuna.study` = '{study_name}' AND attributes.status = 'RUNNING'"
-    runs = client.search_runs([experiment_id], query)
-    for run in runs:
-        if run.info.run_id != current_run:
-            client.set_tag(run.info.run_id, ERROR_TAG, STALE_REASON)
-            client.set_terminated(run.info.run_id, "FAILED")
+    quoted = filter_literal(study_name)
+    query = "attributes.status = 'RUNNING'" + (f" AND tags.`mlflow_edge.study` = {quoted}" if quoted else "")
+    for run in client.search_runs([experiment_id], query):
+        if run.data.tags.get("mlflow_edge.study") == study_name and procs.owner_gone(run.data.tags.get(OWNER_TAG)):
+            _fail_run(client, run.info.run_id)
+
+
+def heartbeat_interval() -> int:
+    """``$MLFLOW_EDGE_TRIAL_HEARTBEAT`` seconds (default :data:`DEFAULT_HEARTBEAT_S`), a positive whole number."""
+    text = os.environ.get(HEARTBEAT_ENV, "").strip()
+    if not text:
+        return DEFAULT_HEARTBEAT_S
+    if not text.isdigit() or int(text) < 1:
+        raise EdgeError(f"{HEARTBEAT_ENV} must be a whole number of seconds >= 1, got {text!r}")
+    return int(text)
 
 
 def pareto_table(study: optuna.Study, objectives: Sequence[tuple[str, str]]) -> pd.DataFrame:
@@ -205,6 +242,7 @@ class Objective:
     prune_margin: float = 0.02
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
+        trial.set_user_attr("owner", procs.owner_tag())  # a search on this host can tell when this process is gone
         backend, precision, options = suggest(trial, self.backends)
         for key, value in (("backend", backend), ("precision", precision), ("options", options)):
             trial.set_user_attr(key, value)
@@ -352,7 +390,7 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
             progress(f"base {backend} {base.precision}: {base.size_bytes / 1e6:.1f} MB")
         study = open_study(optuna_storage, name, goals, objectives, storage_label)
         stale = fail_stale_trials(study)
-        _fail_stale_runs(parent.info.experiment_id, name, parent.info.run_id)
+        _fail_stale_runs(parent.info.experiment_id, name)
         if stale:
             progress(f"marked trial(s) {', '.join(map(str, stale))} FAIL: left RUNNING by a stopped search")
         before = len(study.trials)
@@ -368,16 +406,9 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
         progress(f"study {name}: {done} trial(s) done, {remaining if remaining is not None else 'unbounded'} to run "
                  f"over {', '.join(backends)}")
 
-        evaluator = Evaluator(source, settings)
-        try:
-            evaluate_reference(evaluator, target, name)
-            objective = Objective(source, backends, target, name, goals, gate_spec, evaluator, calibration,
-                                  screen_windows, prune_margin)
-            if remaining != 0:
-                study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(Exception,),
-                               show_progress_bar=True)
-        finally:
-            evaluator.close()
+        if remaining != 0:  # a study with nothing left to run measures nothing again
+            _optimize(study, Objective(source, backends, target, name, goals, gate_spec, Evaluator(source, settings),
+                                       calibration, screen_windows, prune_margin), remaining, timeout)
 
         with tempfile.TemporaryDirectory() as tmp:
             write_search_report(study, goals, Path(tmp))
@@ -391,6 +422,15 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
         return {"study": name, "storage": storage_label, "run_id": parent.info.run_id, "trials": len(study.trials),
                 "new_trials": len(study.trials) - before, "pareto": table.to_dict("records"),
                 "promotion": promotion.describe()}
+
+
+def _optimize(study: optuna.Study, objective: Objective, trials: int | None, timeout: float | None) -> None:
+    """Measure the reference, then run ``trials`` trials (or until ``timeout``) of ``objective``."""
+    try:
+        evaluate_reference(objective.evaluator, objective.target, objective.study_name)
+        study.optimize(objective, n_trials=trials, timeout=timeout, catch=(Exception,), show_progress_bar=True)
+    finally:
+        objective.evaluator.close()
 
 
 def _chosen_backends(target: str, chosen: Sequence[str] | None) -> tuple[str, ...]:
@@ -426,7 +466,12 @@ def open_storage(storage_url: str) -> optuna.storages.BaseStorage:
 
     label, url = redacted(storage_url), make_url(storage_url)
     try:
-        return optuna.storages.RDBStorage(storage_url, engine_kwargs=_connect_kwargs(url))
+        beat = heartbeat_interval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(storage_url, engine_kwargs=_connect_kwargs(url),
+                                              heartbeat_interval=beat, grace_period=4 * beat,
+                                              heartbeat_stale_trial_callback=fail_trial_run)
     except Exception as exc:  # driver import, connection and schema errors come in many classes
         cause = f" ({first_line(exc.__cause__)})" if isinstance(exc, ImportError) and exc.__cause__ else ""
         reason = first_line(exc) + cause
