@@ -65,16 +65,18 @@ def tracked_run(run_name: str, experiment: str | None = None, nested: bool = Fal
 
 
 def _end(run_id: str, status: str, tag: str | None = None, reason: str = "") -> None:
-    """End ``run_id`` with ``status`` (tagging ``reason`` first), and every run the body left open above it."""
-    try:
-        if tag:
+    """End ``run_id`` with ``status`` (tagging ``reason`` first, as far as the store lets), and every run the body
+    left open above it (FAILED, or KILLED when pruned)."""
+    if tag:
+        try:
             mlflow.MlflowClient().set_tag(run_id, tag, reason)
-    finally:
-        while (active := mlflow.active_run()) is not None:
-            above = active.info.run_id != run_id
-            mlflow.end_run(status if not above or status != "FINISHED" else "FAILED")
-            if not above:
-                break
+        except Exception:  # the run still ends with its status, and the body's own error is what propagates
+            pass
+    while (active := mlflow.active_run()) is not None:
+        above = active.info.run_id != run_id
+        mlflow.end_run("FAILED" if above and status == "FINISHED" else status)
+        if not above:
+            break
 
 
 def filter_literal(value: str) -> str | None:
