@@ -58,3 +58,24 @@ def test_targets_for_a_model_lists_the_backends_that_convert_it(tiny_source):
     assert result.exit_code == 0, result.output
     header, row = result.stdout.splitlines()[:2]
     assert f"for {tiny_source.name}" in header and "llamacpp" in row
+
+
+@pytest.mark.parametrize("command", [["promote", "--registered-model", "x"], ["convert", "--model", "demo"],
+                                     ["monitor", "--url", "http://127.0.0.1:1"]])
+def test_an_unreachable_tracking_server_is_one_line_within_seconds(monkeypatch, command):
+    import time
+
+    import mlflow
+
+    unreachable = "http://user:s3cret@127.0.0.1:1"  # nothing listens on port 1
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", unreachable)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(unreachable)
+    started = time.monotonic()
+    try:
+        result = CliRunner().invoke(main, command)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert result.exit_code == 1 and time.monotonic() - started < 20
+    assert result.stderr.strip() == ("mlflow-edge: error: cannot reach the MLflow tracking server at "
+                                     "http://127.0.0.1:1: [Errno 111] Connection refused")

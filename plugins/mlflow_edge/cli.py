@@ -69,10 +69,45 @@ def _eval_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+STORE_COMMANDS = frozenset({"convert", "quantize", "evaluate", "promote", "main", "search", "sweep", "serve",
+                            "monitor"})
+"""The commands that use the MLflow tracking store: a tracking server must answer before they start."""
+
+
 @click.group()
 @click.version_option(package_name="mlflow-edge")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Convert, quantize, evaluate and promote LLMs for edge hardware, tracked in MLflow."""
+    if ctx.invoked_subcommand in STORE_COMMANDS:
+        _one_line_errors(check_tracking_server)()
+
+
+def check_tracking_server(timeout_s: float = 5.0) -> None:
+    """A tracking server (an http(s) tracking URI) must answer ``/health`` within ``timeout_s``: one attempt, so an
+    unreachable one is a one-line error in seconds, not MLflow's minutes of retries. Its requests also retry less
+    (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` 2 unless set)."""
+    import os
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    parts = urllib.parse.urlsplit(uri)
+    shown = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl()
+    try:
+        with urllib.request.urlopen(shown.rstrip("/") + "/health", timeout=timeout_s):  # no credentials needed
+            return
+    except urllib.error.HTTPError:
+        return  # it answers (a proxy or an auth layer may refuse /health): MLflow's own calls will tell more
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise EdgeError(f"cannot reach the MLflow tracking server at {shown}: {reason}") from None
 
 
 @main.command()
