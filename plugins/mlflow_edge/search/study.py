@@ -341,6 +341,7 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
     gate_spec = parse_gates(gates)
     dropped: list[str] = []
     if accuracy_only:
+        _refuse_unmeasured_gates(gate_spec if gates is not None else None)
         gate_spec, dropped = gate_spec.restricted_to(ACCURACY_SIZE_METRICS)
         if gate_spec is None:
             raise EdgeError(f"no gate can be checked in the accuracy/size-only mode (dropped {', '.join(dropped)}); "
@@ -422,6 +423,15 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
         return {"study": name, "storage": storage_label, "run_id": parent.info.run_id, "trials": len(study.trials),
                 "new_trials": len(study.trials) - before, "pareto": table.to_dict("records"),
                 "promotion": promotion.describe()}
+
+
+def _refuse_unmeasured_gates(given: Gates | None) -> None:
+    """A gate group the user gave whose every metric the accuracy/size-only mode leaves unmeasured is an error (an
+    OR alternative that is measured keeps its group; the default gates are narrowed without a word)."""
+    for group in given.groups if given is not None else ():
+        if not any(gate.metric in ACCURACY_SIZE_METRICS for gate in group.gates):
+            raise EdgeError(f"gate {group} is not measured in the accuracy/size-only mode; gate on accuracy or size "
+                            "metrics such as accuracy_retention, kld_mean, size_mb or compression_ratio")
 
 
 def _optimize(study: optuna.Study, objective: Objective, trials: int | None, timeout: float | None) -> None:
