@@ -23,6 +23,9 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: Lim
     from prometheus_client import disable_created_metrics
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per event in the server's log
+    # Generations run on one long-lived worker thread: OpenMP runtimes (llama.cpp's among them) would keep its thread
+    # pool spinning between tokens and requests, doubling the CPU per token; set before any runtime loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     disable_created_metrics()  # no *_created samples: the counters' start times add nothing here
     workdir = Path(tempfile.mkdtemp(prefix="mlflow-edge-serve-"))
     try:
