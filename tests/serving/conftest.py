@@ -34,9 +34,11 @@ class Store:
     def register(self, artifact: Artifact, name: str, alias: str | None = None, **kwargs: Any) -> str:
         """Log ``artifact`` in a new run, register it as a version of ``name`` (and point ``alias`` at it)."""
         previous, cwd = mlflow.get_tracking_uri(), os.getcwd()
+        experiment_env = os.environ.get("MLFLOW_EXPERIMENT_ID")
         os.chdir(self.root)  # the default artifact root is ./mlruns
         try:
             mlflow.set_tracking_uri(self.uri)
+            mlflow.set_experiment("served-models")  # not an experiment another test made active in another store
             with mlflow.start_run():
                 info = flavors.log_artifact_model(artifact, name="model", **kwargs)
             version = str(mlflow.register_model(info.model_uri, name).version)
@@ -45,6 +47,9 @@ class Store:
         finally:
             os.chdir(cwd)
             mlflow.set_tracking_uri(previous)
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # set_experiment exports it; leave the environment as it was
+            if experiment_env is not None:
+                os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_env
         return version
 
     def client(self) -> MlflowClient:
