@@ -32,24 +32,24 @@ class Store:
         self.uri = f"sqlite:///{root / 'mlflow.db'}"
 
     def register(self, artifact: Artifact, name: str, alias: str | None = None, **kwargs: Any) -> str:
-        """Log ``artifact`` in a new run, register it as a version of ``name`` (and point ``alias`` at it)."""
+        """Log ``artifact`` in a new run, register it as a version of ``name`` (and point ``alias`` at it). Uses a
+        client and an explicit run, so no active experiment or run leaks into other tests."""
+        client = self.client()
+        experiment = client.get_experiment_by_name("served-models")
         previous, cwd = mlflow.get_tracking_uri(), os.getcwd()
-        experiment_env = os.environ.get("MLFLOW_EXPERIMENT_ID")
         os.chdir(self.root)  # the default artifact root is ./mlruns
         try:
+            experiment_id = experiment.experiment_id if experiment else client.create_experiment("served-models")
+            run_id = client.create_run(experiment_id).info.run_id
             mlflow.set_tracking_uri(self.uri)
-            mlflow.set_experiment("served-models")  # not an experiment another test made active in another store
-            with mlflow.start_run():
-                info = flavors.log_artifact_model(artifact, name="model", **kwargs)
+            info = flavors.log_artifact_model(artifact, name="model", run_id=run_id, **kwargs)
+            client.set_terminated(run_id)
             version = str(mlflow.register_model(info.model_uri, name).version)
             if alias:
-                MlflowClient().set_registered_model_alias(name, alias, version)
+                client.set_registered_model_alias(name, alias, version)
         finally:
             os.chdir(cwd)
             mlflow.set_tracking_uri(previous)
-            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # set_experiment exports it; leave the environment as it was
-            if experiment_env is not None:
-                os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_env
         return version
 
     def client(self) -> MlflowClient:
