@@ -74,7 +74,22 @@ STORE_COMMANDS = frozenset({"convert", "quantize", "evaluate", "promote", "main"
 """The commands that use the MLflow tracking store: a tracking server must answer before they start."""
 
 
-@click.group()
+class _OneLineGroup(click.Group):
+    """click's own refusals (a bad option value, a missing argument) as one line and exit 1, like every error."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("standalone_mode", None)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as exc:
+            click.echo(f"mlflow-edge: error: {' '.join(exc.format_message().split())}", err=True)
+            sys.exit(1)
+        except click.Abort:
+            click.echo("mlflow-edge: error: aborted", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_OneLineGroup)
 @click.version_option(package_name="mlflow-edge")
 @click.pass_context
 def main(ctx: click.Context) -> None:
@@ -359,7 +374,7 @@ def quant_types(backend: str | None) -> None:
 @main.command()
 @click.argument("model_uri")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (loopback by default)")
-@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--poll-interval", default=30.0, show_default=True, type=float,
               help="seconds between checks of the alias (models:/<name>@<alias>); SIGHUP checks at once")
 @click.option("--max-tokens", default=512, show_default=True, type=click.IntRange(1),

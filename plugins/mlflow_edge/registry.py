@@ -244,8 +244,15 @@ def _settle_interrupted(client: MlflowClient, name: str, winner: Run) -> str | N
     """Versions an interrupted promotion registered but never finished: the winner's is returned (to adopt),
     the others are deleted."""
     adopt = None
+    try:  # the SQL stores leave ModelVersion.aliases empty in searches: the registered model has them
+        aliased = {str(version) for version in client.get_registered_model(name).aliases.values()}
+    except MlflowException:
+        return None  # no registered model yet: nothing was interrupted
     for version in client.search_model_versions(f"name = {filter_literal(name) or repr(name)}"):
-        if version.tags.get(PROMOTION_TAG) != "pending" or version.aliases:
+        if version.tags.get(PROMOTION_TAG) != "pending":
+            continue
+        if str(version.version) in aliased:  # killed after its alias moved: it was promoted, only the tag is late
+            client.set_model_version_tag(name, version.version, PROMOTION_TAG, "done")
             continue
         if version.tags.get("mlflow_edge.run_id") == winner.info.run_id and adopt is None:
             adopt = str(version.version)

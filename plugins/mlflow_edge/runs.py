@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 DEFAULT_EXPERIMENT = "mlflow-edge"
 ERROR_TAG = "mlflow_edge.error"
 PRUNED_TAG = "mlflow_edge.pruned"
+STALE_REASON = "interrupted: the run was left RUNNING by a process that stopped"
 OWNER_TAG = "mlflow_edge.owner"
 """``<host>:<pid>-<start time>`` of the process that runs the run (:func:`mlflow_edge.procs.owner_tag`)."""
 
@@ -51,6 +52,8 @@ def tracked_run(run_name: str, experiment: str | None = None, nested: bool = Fal
         mlflow.set_experiment(experiment or DEFAULT_EXPERIMENT)
     run = mlflow.start_run(run_name=None if (not nested and "MLFLOW_RUN_ID" in os.environ) else run_name,
                            nested=nested, tags={**dict(tags or {}), OWNER_TAG: procs.owner_tag()})
+    if not nested:
+        end_runs_of_gone_processes(run.info.experiment_id)
     try:
         yield run
     except stopped_early as exc:
@@ -77,6 +80,22 @@ def _end(run_id: str, status: str, tag: str | None = None, reason: str = "") -> 
         mlflow.end_run("FAILED" if above and status == "FINISHED" else status)
         if not above:
             break
+
+
+def end_runs_of_gone_processes(experiment_id: str) -> list[str]:
+    """End FAILED (tagged :data:`STALE_REASON`) the runs of ``experiment_id`` left RUNNING by a process of this host
+    that is gone (killed mid-command); runs of live processes and of other hosts stay. Returns their ids."""
+    client = mlflow.MlflowClient()
+    ended = []
+    try:
+        for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+            if procs.owner_gone(run.data.tags.get(OWNER_TAG)):
+                client.set_tag(run.info.run_id, ERROR_TAG, STALE_REASON)
+                client.set_terminated(run.info.run_id, "FAILED")
+                ended.append(run.info.run_id)
+    except mlflow.exceptions.MlflowException:  # another process ended it first, or the store refused: not ours to fail
+        pass
+    return ended
 
 
 def filter_literal(value: str) -> str | None:

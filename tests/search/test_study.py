@@ -16,8 +16,8 @@ from mlflow import MlflowClient
 
 from mlflow_edge import procs
 from mlflow_edge.errors import EdgeError
+from mlflow_edge.runs import end_runs_of_gone_processes
 from mlflow_edge.search import backends_for, run_search
-from mlflow_edge.search import study as study_module
 from mlflow_edge.search.study import fail_stale_trials, open_storage, parse_objectives, starting_points
 
 GATES = "accuracy_retention>=0.9"
@@ -209,7 +209,8 @@ def test_runs_of_a_stopped_search_are_ended_and_live_ones_kept(tracking_uri):
         run = client.create_run(mlflow.get_experiment_by_name("edge").experiment_id,
                                 tags={"mlflow_edge.study": "s'1", "mlflow_edge.owner": owner})
         ids[name] = run.info.run_id
-    study_module._fail_stale_runs(mlflow.get_experiment_by_name("edge").experiment_id, "s'1")
+    ended = end_runs_of_gone_processes(mlflow.get_experiment_by_name("edge").experiment_id)
+    assert ended == [ids["reference of a killed search"]]
     status = {name: client.get_run(run_id).info.status for name, run_id in ids.items()}
     assert status == {"reference of a killed search": "FAILED", "live search": "RUNNING", "other host": "RUNNING"}
     assert client.get_run(ids["reference of a killed search"]).data.tags["mlflow_edge.error"].startswith(

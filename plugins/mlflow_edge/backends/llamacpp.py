@@ -230,8 +230,9 @@ class LlamaCppBackend:
             [sys.executable, "-m", "mlflow_edge.backends.llamacpp", json.dumps(spec)], capture_output=True, text=True
         )
         if proc.returncode != 0 or not partial.is_file():
+            full = _full_disk(out_dir)  # before the partial file goes: llama.cpp only says that it failed
             partial.unlink(missing_ok=True)
-            raise EdgeError(f"llama.cpp could not quantize to {qtype}: {procs.last_error_line(proc.stderr)}")
+            raise EdgeError(f"llama.cpp could not quantize to {qtype}: {procs.last_error_line(proc.stderr)}{full}")
         final = partial.rename(out_dir / _GGUF_NAME)
         return Artifact(
             path=final,
@@ -248,6 +249,14 @@ class LlamaCppBackend:
     # -- load ----------------------------------------------------------------------------------------------------
     def load(self, artifact: Artifact, threads: int, context_tokens: int) -> "LlamaCppRunner":
         return LlamaCppRunner(artifact.path, threads=threads, context_tokens=context_tokens)
+
+
+def _full_disk(folder: Path) -> str:
+    """`` (no space left …)`` when the file system of ``folder`` has under 1 MiB free, else ``""``."""
+    stat = os.statvfs(folder)
+    if stat.f_bavail * stat.f_frsize >= 1 << 20:
+        return ""
+    return f" (no space left on the device of {folder.parent}; free some, or set MLFLOW_EDGE_CACHE to a larger one)"
 
 
 def _refuse_remote_code(source: Any) -> None:

@@ -53,6 +53,9 @@ from mlflow.utils.file_utils import get_total_file_size, write_to
 from mlflow.utils.model_utils import _validate_and_copy_code_paths, _validate_and_prepare_target_save_path
 from mlflow.utils.requirements_utils import _get_pinned_requirement
 
+from mlflow_edge import cache
+from mlflow_edge.errors import EdgeError
+
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 """The ``mlflow_edge`` package folder: it travels with every model as ``code/mlflow_edge``, so the loader imports."""
 
@@ -658,6 +661,19 @@ def flavor_conf(model_dir: str | os.PathLike, flavor_name: str) -> dict[str, Any
     if conf is None:
         raise MlflowException.invalid_parameter_value(f"the model at {model_dir} has no '{flavor_name}' flavor")
     return conf
+
+
+def check_model_files(folder: str | os.PathLike, recorded: Mapping[str, str] | None) -> None:
+    """The model files in ``folder`` named by ``recorded`` (relative path → the sha256 the flavor config recorded when
+    the model was saved) must still have that hash: a truncated or altered file is a one-line error before a runtime
+    maps it (runtimes refuse some damage with unclear messages and load flipped weights without a word)."""
+    for relative, expected in (recorded or {}).items():
+        path = cache.inside(Path(folder), relative, f"the MLmodel file of {folder}")
+        if not path.is_file():
+            raise EdgeError(f"model file {relative} is missing from {folder}")
+        if cache.sha256_file(path) != expected:
+            raise EdgeError(f"model file {relative} in {folder} is truncated or altered: its sha256 differs from the "
+                            "one recorded when the model was saved")
 
 
 def download_model(model_uri: str, dst_path: str | None = None) -> Path:

@@ -96,7 +96,13 @@ def load_model(model_uri: str, dst_path: str | None = None, n_ctx: int | None = 
     """The model at ``model_uri`` as a ``llama_cpp.Llama`` (``n_ctx`` overrides the saved context size)."""
     local = _common.download_model(model_uri, dst_path)
     conf = _common.flavor_conf(local, FLAVOR_NAME)
+    _common.check_model_files(local, _recorded(conf))
     return _llama(local / conf["data"], n_ctx if n_ctx is not None else conf["n_ctx"])
+
+
+def _recorded(conf: dict[str, Any]) -> dict[str, str]:
+    """The model file and the sha256 its flavor config recorded (none for a model saved before hashes were)."""
+    return {conf["data"]: conf["sha256"]} if conf.get("sha256") else {}
 
 
 class _GGUFModelWrapper(_common.TextGenerator):
@@ -156,5 +162,6 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _GGUF
     """Called by ``mlflow.pyfunc.load_model`` with the path of ``model.gguf``; ``model_config`` may set ``n_ctx``."""
     _common.refuse_undeclared_params(__name__)
     conf = _common.flavor_conf(Path(path).parent, FLAVOR_NAME)
+    _common.check_model_files(Path(path).parent, _recorded(conf))
     n_ctx = (model_config or {}).get("n_ctx") or conf["n_ctx"]
     return _GGUFModelWrapper(_llama(path, n_ctx))

@@ -147,6 +147,7 @@ def load_model(model_uri: str, dst_path: str | None = None) -> tuple[Any, Any]:
 
     local = _common.download_model(model_uri, dst_path)
     conf = _common.flavor_conf(local, FLAVOR_NAME)
+    _common.check_model_files(local / conf["data"], conf.get("model_sha256"))
     folder = validate_folder(local / conf["data"])
     adapter = folder / conf["adapter"] if conf.get("adapter") else None
     return load(str(folder), adapter_path=str(adapter) if adapter else None)
@@ -158,6 +159,7 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _comm
 
     _common.refuse_undeclared_params(__name__)
     conf = _common.flavor_conf(Path(path).parent, FLAVOR_NAME)
+    _common.check_model_files(path, conf.get("model_sha256"))
     # MLflow passes the saved config updated with the caller's model_config
     max_context = int((model_config or {}).get("max_context", conf.get("max_context", 2048)))
     if max_context <= 0:

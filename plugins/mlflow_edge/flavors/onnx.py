@@ -160,6 +160,7 @@ def load_model(model_uri: str, dst_path: str | None = None, execution_provider: 
     and the environment); use it with ``onnxruntime_genai.Tokenizer`` and ``Generator``."""
     local = _common.download_model(model_uri, dst_path)
     conf = _common.flavor_conf(local, FLAVOR_NAME)
+    _common.check_model_files(local / conf["data"], conf.get("model_sha256"))
     runtime = {**{k: conf[k] for k in _RUNTIME_KEYS if k in conf}, **runtime_from_env()}
     if execution_provider is not None:
         runtime["execution_provider"] = execution_provider
@@ -220,6 +221,7 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _ONNX
     og = require_genai()
     _common.refuse_undeclared_params(__name__)
     conf = _common.flavor_conf(Path(path).parent, FLAVOR_NAME)
+    _common.check_model_files(path, conf.get("model_sha256"))
     # MLflow passes the saved config updated with the caller's model_config; the environment overrides both
     runtime = {k: conf[k] for k in _RUNTIME_KEYS if k in conf}
     runtime.update(_runtime_config(**{k: v for k, v in (model_config or {}).items() if k in _RUNTIME_KEYS}))

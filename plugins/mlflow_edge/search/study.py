@@ -45,10 +45,9 @@ from mlflow_edge.gates import Gates, parse_gates
 from mlflow_edge.metrics import ACCURACY_SIZE_METRICS, METRICS
 from mlflow_edge.runs import (
     ERROR_TAG,
-    OWNER_TAG,
+    STALE_REASON,
     evaluate_candidate,
     evaluate_reference,
-    filter_literal,
     log_new_params,
     progress,
     promote_study,
@@ -67,7 +66,6 @@ ACCURACY_SIZE_OBJECTIVE: tuple[tuple[str, str], ...] = (("size_mb", "minimize"),
 """``objectives="multi"`` in the accuracy/size-only mode (no speed measured)."""
 
 DONE_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-STALE_REASON = "interrupted: the trial was left RUNNING by a stopped search"
 HEARTBEAT_ENV = "MLFLOW_EDGE_TRIAL_HEARTBEAT"
 DEFAULT_HEARTBEAT_S = 60
 """Seconds between a running trial's heartbeats in the Optuna storage; a trial silent for four of them is stale."""
@@ -132,17 +130,6 @@ def _fail_run(client: MlflowClient, run_id: str) -> None:
     if client.get_run(run_id).info.status == "RUNNING":
         client.set_tag(run_id, ERROR_TAG, STALE_REASON)
         client.set_terminated(run_id, "FAILED")
-
-
-def _fail_stale_runs(experiment_id: str, study_name: str) -> None:
-    """End FAILED the runs of the study (parent, reference, trials) left RUNNING by a process of this host that is
-    gone; runs of live processes, or of other hosts, stay."""
-    client = MlflowClient()
-    quoted = filter_literal(study_name)
-    query = "attributes.status = 'RUNNING'" + (f" AND tags.`mlflow_edge.study` = {quoted}" if quoted else "")
-    for run in client.search_runs([experiment_id], query):
-        if run.data.tags.get("mlflow_edge.study") == study_name and procs.owner_gone(run.data.tags.get(OWNER_TAG)):
-            _fail_run(client, run.info.run_id)
 
 
 def heartbeat_interval() -> int:
@@ -391,7 +378,6 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
             progress(f"base {backend} {base.precision}: {base.size_bytes / 1e6:.1f} MB")
         study = open_study(optuna_storage, name, goals, objectives, storage_label)
         stale = fail_stale_trials(study)
-        _fail_stale_runs(parent.info.experiment_id, name)
         if stale:
             progress(f"marked trial(s) {', '.join(map(str, stale))} FAIL: left RUNNING by a stopped search")
         before = len(study.trials)

@@ -6,14 +6,28 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
+from mlflow_edge.errors import EdgeError
 from mlflow_edge.serving.app import Limits, create_app, on_reload
 from mlflow_edge.serving.metrics import ServerMetrics
 from mlflow_edge.serving.models import ModelHolder
 
-__all__ = ["Limits", "create_app", "serve"]
+__all__ = ["Limits", "check_listen", "create_app", "serve"]
+
+
+def check_listen(host: str, port: int) -> None:
+    """Refuse, before a model loads, an address this process cannot listen on (busy port, unknown host)."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a listener still refuses
+            probe.bind(address)
+    except (OSError, OverflowError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise EdgeError(f"cannot listen on {host}:{port}: {reason[:1].lower()}{reason[1:]}") from None
 
 
 def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: Limits | None = None,
@@ -27,6 +41,7 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: Lim
     # pool spinning between tokens and requests, doubling the CPU per token; set before any runtime loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     disable_created_metrics()  # no *_created samples: the counters' start times add nothing here
+    check_listen(host, port)
     workdir = Path(tempfile.mkdtemp(prefix="mlflow-edge-serve-"))
     try:
         metrics = ServerMetrics()
