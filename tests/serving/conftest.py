@@ -36,12 +36,13 @@ class Store:
         client and an explicit run, so no active experiment or run leaks into other tests."""
         client = self.client()
         experiment = client.get_experiment_by_name("served-models")
-        previous, cwd = mlflow.get_tracking_uri(), os.getcwd()
+        previous, previous_registry, cwd = mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.getcwd()
         os.chdir(self.root)  # the default artifact root is ./mlruns
         try:
             experiment_id = experiment.experiment_id if experiment else client.create_experiment("served-models")
             run_id = client.create_run(experiment_id).info.run_id
             mlflow.set_tracking_uri(self.uri)
+            mlflow.set_registry_uri(self.uri)  # another test may have pointed the registry at its own store
             info = flavors.log_artifact_model(artifact, name="model", run_id=run_id, **kwargs)
             client.set_terminated(run_id)
             version = str(mlflow.register_model(info.model_uri, name).version)
@@ -50,7 +51,14 @@ class Store:
         finally:
             os.chdir(cwd)
             mlflow.set_tracking_uri(previous)
+            mlflow.set_registry_uri(previous_registry)
         return version
+
+    def env(self) -> dict[str, str]:
+        """This process's environment with this store as tracking and registry store (``set_tracking_uri`` and
+        ``set_registry_uri`` export both, so another test's may linger)."""
+        return {**os.environ, "MLFLOW_TRACKING_URI": self.uri, "MLFLOW_REGISTRY_URI": self.uri,
+                "NO_PROXY": LOOPBACK, "no_proxy": LOOPBACK}
 
     def client(self) -> MlflowClient:
         return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
@@ -69,7 +77,7 @@ class EdgeServer:
         self.port = free_port()
         self.base = f"http://{LOOPBACK}:{self.port}"
         self.log_file = log_file
-        env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri, "NO_PROXY": LOOPBACK, "no_proxy": LOOPBACK}
+        env = store.env()
         cmd = [sys.executable, "-m", "mlflow_edge.cli", "serve", model_uri, "--host", LOOPBACK, "--port",
                str(self.port), *args]
         self._log = open(log_file, "w")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -58,11 +57,13 @@ def _client(server) -> openai.OpenAI:
 
 
 def _local_predict(store: Store, params: dict) -> str:
+    version = store.client().get_model_version_by_alias(NAME, ALIAS)
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(store.uri)
     try:
-        return mlflow.pyfunc.load_model(CHAMPION).predict([PROMPT], params=params)[0]
+        return mlflow.pyfunc.load_model(version.source).predict([PROMPT], params=params)[0]
     finally:
-        mlflow.set_tracking_uri(None)
+        mlflow.set_tracking_uri(previous)
 
 
 def test_openai_client_lists_completes_chats_and_streams(server, store: Store) -> None:
@@ -254,7 +255,7 @@ def test_serve_refuses_what_it_cannot_serve_in_one_line(store: Store, tmp_path: 
              (str(tmp_path), "is neither a model URI")]
     for uri, reason in cases:
         proc = subprocess.run([sys.executable, "-m", "mlflow_edge.cli", "serve", uri, "--port", "1"],
-                              capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+                              capture_output=True, text=True, timeout=120, env={**store.env(), **env})
         assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("mlflow-edge: error: ")
         assert reason in proc.stderr and "Traceback" not in proc.stderr
 
@@ -273,7 +274,7 @@ def test_monitor_logs_served_figures_and_tags_a_breach(server, store: Store) -> 
     try:
         proc = subprocess.run([sys.executable, "-m", "mlflow_edge.cli", "monitor", "--url", server.base,
                                "--interval", "1.5", "--windows", "2"], capture_output=True, text=True, timeout=120,
-                              cwd=store.root, env={**os.environ, "MLFLOW_TRACKING_URI": store.uri})
+                              cwd=store.root, env=store.env())
     finally:
         stop.set()
         worker.join(timeout=60)
