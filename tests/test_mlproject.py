@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
-
-from mlflow_edge.search.study import STALE_REASON
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,39 +70,3 @@ def test_entry_point_failure_marks_the_run_failed(tracking_uri, tmp_path):
     assert run["tags.mlflow_edge.error"] == "model path not found: ./no/such/model"
 
 
-@pytest.mark.slow
-def test_search_killed_mid_trial_resumes_the_same_study(tracking_uri, tiny_source, tmp_path):
-    import optuna
-
-    mlflow.create_experiment("edge-project", artifact_location=str(tmp_path / "artifacts"))
-    params = [f"model={tiny_source.path}", "trials=2", "windows=2", "repeats=2", "gates=accuracy_retention>=0.9",
-              "registered_model=tiny-search"]
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    name = f"{tiny_source.name}-cpu"
-    first = mlflow_run("search", tracking_uri, *params, wait=False)
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and first.poll() is None:  # kill it once a trial is under way
-            try:
-                trials = optuna.load_study(study_name=name, storage=storage).trials
-            except KeyError:  # the study does not exist yet
-                trials = []
-            if any(t.state == optuna.trial.TrialState.RUNNING and "run_id" in t.user_attrs for t in trials):
-                break
-            time.sleep(0.5)
-        assert first.poll() is None, "the search ended before it could be killed"
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
-    again = mlflow_run("search", tracking_uri, *params)
-    assert again.returncode == 0, again.stderr[-3000:]
-    trials = optuna.load_study(study_name=name, storage=storage).trials
-    states = [t.state for t in trials]
-    assert states.count(optuna.trial.TrialState.FAIL) == 1 and len(trials) == 3  # the killed trial, then 2 done
-    killed = next(t for t in trials if t.state == optuna.trial.TrialState.FAIL)
-    runs = mlflow.search_runs(experiment_names=["edge-project"])
-    assert set(runs[runs["tags.mlflow_edge.error"] == STALE_REASON]["run_id"]) == {
-        killed.user_attrs["run_id"], *runs[(runs["tags.mlflow_edge.role"] == "study")
-                                           & (runs["status"] == "FAILED")]["run_id"]}
-    assert "RUNNING" not in set(runs["status"])
-    assert MlflowClient().get_model_version_by_alias("tiny-search", "cpu-champion")
