@@ -90,12 +90,19 @@ def end_runs_of_gone_processes(experiment_id: str) -> list[str]:
     try:
         for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
             if procs.owner_gone(run.data.tags.get(OWNER_TAG)):
-                client.set_tag(run.info.run_id, ERROR_TAG, STALE_REASON)
-                client.set_terminated(run.info.run_id, "FAILED")
+                end_stale_run(run.info.run_id, client)
                 ended.append(run.info.run_id)
     except mlflow.exceptions.MlflowException:  # another process ended it first, or the store refused: not ours to fail
         pass
     return ended
+
+
+def end_stale_run(run_id: str, client: mlflow.MlflowClient | None = None) -> None:
+    """End ``run_id`` FAILED with :data:`STALE_REASON`, unless it already ended."""
+    client = client or mlflow.MlflowClient()
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_tag(run_id, ERROR_TAG, STALE_REASON)
+        client.set_terminated(run_id, "FAILED")
 
 
 def filter_literal(value: str) -> str | None:

@@ -32,7 +32,6 @@ from typing import Any, Sequence
 import mlflow
 import optuna
 import pandas as pd
-from mlflow import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
 from mlflow_edge import procs, registry
@@ -44,8 +43,7 @@ from mlflow_edge.evaluation.harness import EvalSettings, Evaluator
 from mlflow_edge.gates import Gates, parse_gates
 from mlflow_edge.metrics import ACCURACY_SIZE_METRICS, METRICS
 from mlflow_edge.runs import (
-    ERROR_TAG,
-    STALE_REASON,
+    end_stale_run,
     evaluate_candidate,
     evaluate_reference,
     log_new_params,
@@ -104,9 +102,10 @@ def default_storage() -> str:
 
 
 def fail_stale_trials(study: optuna.Study) -> list[int]:
-    """Mark FAIL the trials a stopped search left RUNNING, and end their MLflow runs FAILED (:data:`STALE_REASON`);
-    return their numbers. Stale are the trials whose owner process on this host is gone, and, on any host, those
-    whose Optuna heartbeat is older than the storage's grace period: a live search's trials are never touched."""
+    """Mark FAIL the trials a stopped search left RUNNING, and end their MLflow runs FAILED
+    (:func:`mlflow_edge.runs.end_stale_run`); return their numbers. Stale are the trials whose owner process on this
+    host is gone, and, on any host, those whose Optuna heartbeat is older than the storage's grace period: a live
+    search's trials are never touched."""
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in running:
         if procs.owner_gone(trial.user_attrs.get("owner")):
@@ -123,13 +122,7 @@ def fail_trial_run(study: optuna.Study, trial: FrozenTrial) -> None:
     """End the MLflow run of a stale ``trial`` FAILED (the storage's stale-trial callback)."""
     run_id = trial.user_attrs.get("run_id")
     if run_id:
-        _fail_run(MlflowClient(), run_id)
-
-
-def _fail_run(client: MlflowClient, run_id: str) -> None:
-    if client.get_run(run_id).info.status == "RUNNING":
-        client.set_tag(run_id, ERROR_TAG, STALE_REASON)
-        client.set_terminated(run_id, "FAILED")
+        end_stale_run(run_id)
 
 
 def heartbeat_interval() -> int:
