@@ -5,11 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,6 +16,7 @@ import pytest
 
 from mlflow_edge import flavors
 from mlflow_edge.backends.base import Artifact
+from tests.server_process import ServerProcess, free_port
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,46 +62,20 @@ def use_store(monkeypatch: pytest.MonkeyPatch):
     mlflow.set_tracking_uri(previous)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
+class Server(ServerProcess):
     """``mlflow models serve -m <model_uri> --env-manager local`` on a free loopback port, in its own session."""
 
+    ready_path = "/ping"
+
     def __init__(self, logged: Logged, log_file: Path) -> None:
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_file = log_file
+        port = free_port()
         loopback = "127.0.0.1,localhost"
         env = {**os.environ, "MLFLOW_TRACKING_URI": logged.tracking_uri, "NO_PROXY": loopback, "no_proxy": loopback}
         # the server runs `uvicorn` through bash, found on PATH: put this interpreter's bin folder first
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", logged.model_uri, "--env-manager", "local",
-               "-p", str(self.port), "--host", "127.0.0.1"]
-        self._log = open(log_file, "w")
-        self.process = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-
-    def wait_ready(self, timeout_s: float = 180) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.process.poll() is not None:
-                pytest.fail(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.base}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready in {timeout_s:.0f} s:\n{self.log_tail()}")
-            time.sleep(0.5)
-
-    def log_tail(self) -> str:
-        return self.log_file.read_text()[-3000:]
+               "-p", str(port), "--host", "127.0.0.1"]
+        super().__init__(cmd, log_file, env, port=port)
 
     def invoke(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """POST ``body`` to ``/invocations``: the HTTP status and the JSON answer (errors included)."""
@@ -115,18 +86,6 @@ class Server:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read())
-
-    def stop(self) -> None:
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=15)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=15)
-        finally:
-            self._log.close()
 
 
 @pytest.fixture()

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,8 +18,7 @@ from mlflow import MlflowClient
 
 from mlflow_edge import flavors
 from mlflow_edge.backends.base import Artifact
-
-LOOPBACK = "127.0.0.1"
+from tests.server_process import LOOPBACK, ServerProcess, free_port
 
 
 class Store:
@@ -64,39 +61,14 @@ class Store:
         return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
-class EdgeServer:
+class EdgeServer(ServerProcess):
     """``mlflow-edge serve <model_uri>`` on a free loopback port, in its own session."""
 
     def __init__(self, store: Store, model_uri: str, log_file: Path, *args: str) -> None:
-        self.port = free_port()
-        self.base = f"http://{LOOPBACK}:{self.port}"
-        self.log_file = log_file
-        env = store.env()
-        cmd = [sys.executable, "-m", "mlflow_edge.cli", "serve", model_uri, "--host", LOOPBACK, "--port",
-               str(self.port), *args]
-        self._log = open(log_file, "w")
-        self.process = subprocess.Popen(cmd, env=env, cwd=store.root, stdout=self._log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-
-    def wait_ready(self, timeout_s: float = 180) -> EdgeServer:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.process.poll() is not None:
-                pytest.fail(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready in {timeout_s:.0f} s:\n{self.log_tail()}")
-            time.sleep(0.3)
+        port = free_port()
+        cmd = [sys.executable, "-m", "mlflow_edge.cli", "serve", model_uri, "--host", LOOPBACK, "--port", str(port),
+               *args]
+        super().__init__(cmd, log_file, store.env(), cwd=store.root, port=port)
 
     def health(self) -> dict[str, Any]:
         return httpx.get(f"{self.base}/health", timeout=10).json()
@@ -119,21 +91,6 @@ class EdgeServer:
 
     def hangup(self) -> None:
         os.kill(self.process.pid, signal.SIGHUP)
-
-    def log_tail(self) -> str:
-        return self.log_file.read_text()[-3000:]
-
-    def stop(self) -> None:
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=20)
-        finally:
-            self._log.close()
 
 
 @pytest.fixture()
