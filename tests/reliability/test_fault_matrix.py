@@ -41,7 +41,7 @@ from mlflow import MlflowClient
 from mlflow.models import Model
 
 from mlflow_edge import artifacts, cache
-from mlflow_edge.search.study import STALE_REASON
+from mlflow_edge.runs import STALE_REASON
 from tests.reliability.test_bad_input import assert_one_line_error
 from tests.reliability.test_procs import alive, wait_gone
 
