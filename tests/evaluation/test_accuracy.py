@@ -129,3 +129,19 @@ def test_saved_reference_round_trips_as_float16(tmp_path: Path) -> None:
         noisy.add(i, row, logits + rng.normal(scale=3.0, size=logits.shape).astype(np.float32))
     assert noisy.metrics()["kld_mean"] > 0.1
     assert noisy.metrics()["top1_agreement"] < 1.0
+
+
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_windows():
+    import numpy as np
+
+    from mlflow_edge.evaluation.accuracy import bootstrap_interval
+
+    rng = np.random.default_rng(1)
+    few, many = rng.normal(0.05, 0.02, 4), rng.normal(0.05, 0.02, 64)
+    low_few, high_few = bootstrap_interval(few)
+    low_many, high_many = bootstrap_interval(many)
+    assert low_few <= few.mean() <= high_few and low_many <= many.mean() <= high_many
+    assert high_many - low_many < high_few - low_few
+    assert bootstrap_interval(few) == (low_few, high_few)  # seeded: the same scores give the same bounds
+    assert bootstrap_interval(few, confidence=0.5)[1] - bootstrap_interval(few, confidence=0.5)[0] < high_few - low_few
+    assert all(v != v for v in bootstrap_interval(few[:1]))  # one window: no interval (NaN)

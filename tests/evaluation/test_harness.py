@@ -10,7 +10,7 @@ from mlflow_edge import artifacts
 from mlflow_edge.backends.base import Artifact
 from mlflow_edge.errors import EdgeError
 from mlflow_edge.evaluation.harness import EvalSettings, Evaluator, relative_metrics
-from mlflow_edge.metrics import METRICS
+from mlflow_edge.metrics import ARTIFACT_METRICS
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def evaluated(tiny_source):
     base = artifacts.convert(tiny_source, "llamacpp", "f16")
     quantized = {q: artifacts.quantize(tiny_source, base, q) for q in ("Q2_K", "Q8_0")}
     reference = evaluator.evaluate_reference()
-    results = {q: evaluator.evaluate(a) for q, a in quantized.items()}
+    results = {q: evaluator.evaluate(a, base) for q, a in quantized.items()}
     yield evaluator, reference, quantized, results
     evaluator.close()
 
@@ -29,7 +29,7 @@ def evaluated(tiny_source):
 def test_every_conventions_metric_is_measured(evaluated):
     _, reference, _, results = evaluated
     for metrics in (reference, *results.values()):
-        assert set(METRICS) <= set(metrics)
+        assert set(ARTIFACT_METRICS) <= set(metrics)
         assert all(v == v for v in metrics.values())  # no NaN
 
 
@@ -51,13 +51,24 @@ def test_lower_precision_diverges_more(evaluated):
 
 
 def test_ratios_follow_their_definitions(evaluated):
-    _, reference, _, results = evaluated
+    evaluator, reference, _, results = evaluated
     metrics = results["Q8_0"]
     assert metrics["compression_ratio"] == pytest.approx(reference["size_mb"] / metrics["size_mb"])
     assert metrics["accuracy_retention"] == pytest.approx(reference["perplexity"] / metrics["perplexity"])
     assert metrics["speedup"] == pytest.approx(metrics["decode_tok_s"] / reference["decode_tok_s"])
     assert metrics["memory_reduction"] == pytest.approx(1 - metrics["peak_rss_mb"] / reference["peak_rss_mb"])
     assert relative_metrics(metrics, reference)["speedup"] == pytest.approx(metrics["speedup"])
+    base_decode = evaluator.base_decode_tok_s(artifacts.convert(evaluator.source, "llamacpp", "f16"))
+    assert metrics["speedup_vs_base"] == pytest.approx(metrics["decode_tok_s"] / base_decode)
+
+
+def test_fidelity_comes_with_paired_intervals(evaluated):
+    _, reference, _, results = evaluated
+    assert reference["accuracy_retention_lo"] == reference["accuracy_retention_hi"] == 1.0
+    for metrics in results.values():
+        assert metrics["accuracy_retention_lo"] <= metrics["accuracy_retention"] <= metrics["accuracy_retention_hi"]
+        assert 0 <= metrics["kld_mean_lo"] <= metrics["kld_mean"] <= metrics["kld_mean_hi"]
+    assert results["Q2_K"]["kld_mean_lo"] > results["Q8_0"]["kld_mean_hi"]  # far apart: the intervals say so
 
 
 def test_memory_is_measured_per_process(evaluated):
@@ -111,7 +122,7 @@ def test_settings_params_name_the_text(tiny_settings):
     assert params["eval.dataset"] == "wikitext-2[0:40000]"
     assert len(params["eval.sha256"]) == 64
     assert set(params) == {"eval.dataset", "eval.window", "eval.windows", "eval.threads", "eval.repeats", "eval.sha256",
-                           "eval.speed"}
+                           "eval.speed", "eval.confidence"}
     assert params["eval.speed"] == "true"
 
 

@@ -2,14 +2,22 @@
 
 Every window of ``W`` tokens is scored on its second half (llama-perplexity style): the logits at positions
 ``W//2 … W-2`` predict tokens ``W//2+1 … W-1``.
+
+Windows are the unit of uncertainty: ``accuracy_retention`` and ``kld_mean`` come with an interval from a paired
+percentile bootstrap over windows (the candidate and the reference resampled together, so what the text makes hard for
+both cancels out). Positions inside a window are correlated; windows of distinct text are close to independent.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
+
+BOOTSTRAP_RESAMPLES = 2000
+DEFAULT_CONFIDENCE = 0.95
 
 
 def scored_positions(window: int) -> slice:
@@ -36,8 +44,10 @@ class ReferenceLogprobs:
 class AccuracyAccumulator:
     """Feeds windows one at a time; keeps negative log-likelihoods, KLDs and top-1 matches."""
 
-    def __init__(self, window: int, reference: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    def __init__(self, window: int, reference: tuple[np.ndarray, np.ndarray] | None = None,
+                 confidence: float = DEFAULT_CONFIDENCE) -> None:
         self.window = window
+        self.confidence = confidence
         self.reference = reference
         self.nll: list[np.ndarray] = []
         self.kld: list[np.ndarray] = []
@@ -77,4 +87,27 @@ class AccuracyAccumulator:
             result["kld_p99"] = float(np.percentile(kld, 99))
             result["top1_agreement"] = float(np.concatenate(self.top1).mean())
             result["reference_perplexity"] = float(np.exp(np.concatenate(self.reference_nll).mean()))
+            result.update(self.intervals())
         return result
+
+    def intervals(self) -> dict[str, float]:
+        """``accuracy_retention_lo/_hi`` and ``kld_mean_lo/_hi`` at :attr:`confidence` (NaN with one window)."""
+        log_ratio = np.array([r.mean() - c.mean() for r, c in zip(self.reference_nll, self.nll)])
+        kld = np.array([k.mean() for k in self.kld])
+        retention_lo, retention_hi = np.exp(bootstrap_interval(log_ratio, self.confidence))
+        kld_lo, kld_hi = bootstrap_interval(kld, self.confidence)
+        return {"accuracy_retention_lo": float(retention_lo), "accuracy_retention_hi": float(retention_hi),
+                "kld_mean_lo": float(kld_lo), "kld_mean_hi": float(kld_hi)}
+
+
+def bootstrap_interval(window_means: np.ndarray, confidence: float = DEFAULT_CONFIDENCE,
+                       resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """The percentile bootstrap interval of the mean of ``window_means`` (equal-sized windows), seeded so the same
+    scores give the same bounds; ``(nan, nan)`` for fewer than two windows."""
+    if len(window_means) < 2:
+        return math.nan, math.nan
+    picks = np.random.default_rng(seed).integers(0, len(window_means), size=(resamples, len(window_means)))
+    means = window_means[picks].mean(axis=1)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(low), float(high)

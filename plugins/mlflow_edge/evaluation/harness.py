@@ -23,11 +23,14 @@ import numpy as np
 from mlflow_edge import cache, procs
 from mlflow_edge.backends.base import Artifact
 from mlflow_edge.errors import EdgeError
+from mlflow_edge.evaluation.accuracy import DEFAULT_CONFIDENCE
 from mlflow_edge.evaluation.data import TextSlice, evaluation_text
-from mlflow_edge.metrics import ACCURACY_SIZE_METRICS
+from mlflow_edge.metrics import ACCURACY_SIZE_METRICS, BOUNDS
 from mlflow_edge.sources import SourceModel
 
 REFERENCE = "reference"
+BOUNDED = tuple(name for pair in BOUNDS.values() for name in pair)
+"""The interval bounds the harness logs beside their point values."""
 
 
 def default_threads() -> int:
@@ -46,6 +49,8 @@ class EvalSettings:
     prefill_tokens: int = 256
     prompt_tokens: int = 32
     decode_tokens: int = 32
+    confidence: float = DEFAULT_CONFIDENCE
+    """Level of the ``_lo``/``_hi`` intervals of ``accuracy_retention`` and ``kld_mean`` (paired bootstrap)."""
     speed: bool = True
     """``False``: the accuracy/size-only mode for a target whose hardware is absent (no timed runs)."""
 
@@ -57,6 +62,8 @@ class EvalSettings:
             raise EdgeError(f"evaluation window must be at least 8 tokens, got {self.window}")
         if self.decode_tokens < 2:
             raise EdgeError("evaluation needs at least 2 decode tokens to time decoding")
+        if not 0.5 <= self.confidence < 1.0:
+            raise EdgeError(f"confidence must be at least 0.5 and below 1, got {self.confidence}")
 
     @property
     def context_tokens(self) -> int:
@@ -70,6 +77,7 @@ class EvalSettings:
             "eval.threads": str(self.threads),
             "eval.repeats": str(self.repeats),
             "eval.sha256": self.text.sha256,
+            "eval.confidence": str(self.confidence),
             "eval.speed": str(self.speed).lower(),
         }
 
@@ -92,6 +100,7 @@ class Evaluator:
                "windows": self.settings.windows}
         self._reference_dir = cache.cache_root() / "reference" / cache.key_digest(key)
         self.reference_metrics: dict[str, float] | None = None
+        self._base_decode: dict[str, float] = {}
 
     def _tokenize(self) -> tuple[np.ndarray, np.ndarray]:
         """Accuracy windows ``[windows, window]`` and the prompt stream for the speed runs."""
@@ -122,13 +131,17 @@ class Evaluator:
         })
         size_bytes = sum(f.stat().st_size for f in self.source.path.glob("*.safetensors"))
         metrics = {**measured, **_size_metrics(size_bytes, self.source.num_parameters)}
-        metrics.update(kld_mean=0.0, kld_p99=0.0, top1_agreement=1.0)
+        metrics.update(kld_mean=0.0, kld_p99=0.0, top1_agreement=1.0, kld_mean_lo=0.0, kld_mean_hi=0.0,
+                       accuracy_retention_lo=1.0, accuracy_retention_hi=1.0)
         metrics.update(relative_metrics(metrics, metrics))
+        if "speedup" in metrics:
+            metrics["speedup_vs_base"] = 1.0  # the reference is its own unquantized base
         self.reference_metrics = metrics
         return self._measured(metrics)
 
-    def evaluate(self, artifact: Artifact) -> dict[str, float]:
-        """Measure ``artifact``: size, speed, memory, accuracy, and the ratios against the reference."""
+    def evaluate(self, artifact: Artifact, base: Artifact | None = None) -> dict[str, float]:
+        """Measure ``artifact``: size, speed, memory, accuracy, and the ratios against the reference (and
+        ``speedup_vs_base`` against ``base``, the same backend's unquantized artifact, when speed is measured)."""
         if self.reference_metrics is None:
             self.evaluate_reference()
         measured = self._run_child({
@@ -139,7 +152,18 @@ class Evaluator:
         measured.pop("reference_perplexity", None)
         metrics = {**measured, **_size_metrics(artifact.size_bytes, artifact.num_parameters)}
         metrics.update(relative_metrics(metrics, self.reference_metrics))
+        if base is not None and "decode_tok_s" in metrics:
+            metrics["speedup_vs_base"] = metrics["decode_tok_s"] / self.base_decode_tok_s(base)
         return self._measured(metrics)
+
+    def base_decode_tok_s(self, base: Artifact) -> float:
+        """``decode_tok_s`` of ``base`` (timed once per evaluator, no accuracy pass): the denominator of
+        ``speedup_vs_base``."""
+        key = str(base.path)
+        if key not in self._base_decode:
+            measured = self._run_child({"kind": "artifact", "artifact": base.to_json(), "accuracy": False})
+            self._base_decode[key] = measured["decode_tok_s"]
+        return self._base_decode[key]
 
     def _measured(self, metrics: dict[str, float]) -> dict[str, float]:
         """All metrics, or only accuracy and size when speed is off (load time and memory of this machine say
@@ -162,7 +186,7 @@ class Evaluator:
             "speed": False,
             "windows": windows,
         })
-        metrics = {k: measured[k] for k in ("perplexity", "kld_mean", "kld_p99", "top1_agreement")}
+        metrics = {k: measured[k] for k in ("perplexity", "kld_mean", "kld_p99", "top1_agreement", *BOUNDED)}
         metrics["accuracy_retention"] = measured["reference_perplexity"] / measured["perplexity"]
         metrics.update(_size_metrics(artifact.size_bytes, artifact.num_parameters))
         metrics["compression_ratio"] = self.reference_metrics["size_mb"] / metrics["size_mb"]
@@ -182,6 +206,7 @@ class Evaluator:
             "prompt_tokens": s.prompt_tokens,
             "decode_tokens": s.decode_tokens,
             "context_tokens": s.context_tokens,
+            "confidence": s.confidence,
         }
         with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
             spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"

@@ -18,7 +18,7 @@ import numpy as np
 
 from mlflow_edge.backends.base import Artifact, Runner
 from mlflow_edge.errors import EdgeError
-from mlflow_edge.evaluation.accuracy import AccuracyAccumulator, ReferenceLogprobs
+from mlflow_edge.evaluation.accuracy import DEFAULT_CONFIDENCE, AccuracyAccumulator, ReferenceLogprobs
 
 _REF_LOGPROBS, _REF_ARGMAX = "logprobs.npy", "argmax.npy"
 
@@ -84,14 +84,15 @@ def measure_accuracy(runner: Runner, tokens: np.ndarray, spec: dict[str, Any]) -
         return accumulator.metrics()
     ref_dir = Path(spec["reference"])
     reference = ReferenceLogprobs(ref_dir / _REF_LOGPROBS, ref_dir / _REF_ARGMAX).open()
-    accumulator = AccuracyAccumulator(window, reference)
+    accumulator = AccuracyAccumulator(window, reference, spec.get("confidence", DEFAULT_CONFIDENCE))
     for i, row in enumerate(tokens):
         accumulator.add(i, row, runner.logits(row.tolist()))
     return accumulator.metrics()
 
 
 def run(spec: dict[str, Any]) -> dict[str, float]:
-    """Load, then (unless ``speed`` is false) the timed runs, peak memory, and accuracy on the first ``windows``."""
+    """Load, then (unless ``speed`` is false) the timed runs, peak memory, and (unless ``accuracy`` is false)
+    accuracy on the first ``windows``."""
     tokens = np.load(spec["tokens"])[: spec.get("windows")]
     load = _loader(spec)
     start = time.perf_counter()
@@ -101,7 +102,8 @@ def run(spec: dict[str, Any]) -> dict[str, float]:
         if spec.get("speed", True):
             metrics.update(measure_speed(runner, np.load(spec["prompt"]), spec))
         metrics["peak_rss_mb"] = _peak_rss_mb()
-        metrics.update(measure_accuracy(runner, tokens, spec))
+        if spec.get("accuracy", True):
+            metrics.update(measure_accuracy(runner, tokens, spec))
     finally:
         runner.close()
     return metrics

@@ -47,3 +47,58 @@ def suggest(trial: optuna.Trial, backends: Sequence[str]) -> tuple[str, str, dic
     backend = trial.suggest_categorical("backend", list(backends))
     precision, options = get_backend(backend).search_space(trial)
     return backend, precision, options
+
+
+class _Unenumerable(Exception):
+    """The space has a continuous parameter (or too many points) to list."""
+
+
+class _ScriptedTrial:
+    """Stands in for an Optuna trial to walk a conditional space: answers each ``suggest_*`` from ``script`` (choice
+    indexes, in call order) and records the choices of the first unscripted one."""
+
+    def __init__(self, script: Sequence[int]) -> None:
+        self.script = list(script)
+        self.params: dict[str, Any] = {}
+        self.open_choices: int | None = None
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        step = len(self.params)
+        index = self.script[step] if step < len(self.script) else 0
+        if step == len(self.script):
+            self.open_choices = len(choices)
+        self.params[name] = choices[index]
+        return choices[index]
+
+    def suggest_int(self, name: str, low: int, high: int, step: int = 1, log: bool = False) -> int:
+        if log:
+            raise _Unenumerable(name)
+        return self.suggest_categorical(name, list(range(low, high + 1, step)))
+
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False):
+        if step is None or log:
+            raise _Unenumerable(name)
+        count = int(round((high - low) / step)) + 1
+        return self.suggest_categorical(name, [low + i * step for i in range(count)])
+
+
+def enumerate_space(backends: Sequence[str], limit: int = 10_000) -> list[dict[str, Any]] | None:
+    """Every distinct parameter set :func:`suggest` can produce over ``backends`` (each as Optuna's ``trial.params``
+    would hold it), in a stable order; ``None`` when the space has a continuous parameter or more than ``limit``
+    points. The search uses it to tell when every configuration has been measured."""
+    points: list[dict[str, Any]] = []
+    pending: list[list[int]] = [[]]
+    try:
+        while pending:
+            script = pending.pop()
+            trial = _ScriptedTrial(script)
+            suggest(trial, backends)  # type: ignore[arg-type]
+            if trial.open_choices is None:  # every choice was scripted: one point
+                points.append(trial.params)
+            else:
+                pending += [script + [i] for i in reversed(range(trial.open_choices))]
+            if len(points) + len(pending) > limit:
+                return None
+    except _Unenumerable:
+        return None
+    return points
