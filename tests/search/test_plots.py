@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from matplotlib import pyplot
+from matplotlib.axes import Axes
 from matplotlib.image import imread
 
 from mlflow_edge.search.plots import (
@@ -84,6 +85,20 @@ def test_html_shows_front_and_champion_labels_and_hovers_the_rest(tmp_path):
     decode_html = _read_html(written[3])
     assert "#4 openvino INT8_ASYM" not in decode_html  # pruned: no decode speed, not drawn
     assert "decode (tokens/s, higher is better)" in decode_html
+
+
+def test_png_annotates_every_plotted_point(tmp_path, monkeypatch):
+    annotated = []
+    original = Axes.annotate
+
+    def recording_annotate(axes, text, *args, **kwargs):
+        annotated.append(text)
+        return original(axes, text, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "annotate", recording_annotate)
+    write_front_plots(_points().drop(columns=["decode_tok_s"]), tmp_path, "demo")
+    points = _points()
+    assert sorted(annotated) == sorted(f"#{trial} {label}" for trial, label in zip(points["trial"], points["label"]))
 
 
 def test_without_decode_speed_only_the_fidelity_pair_is_drawn(tmp_path):

@@ -70,7 +70,7 @@ def write_front_plots(points: pd.DataFrame, out_dir: Path, title: str) -> list[P
     written: list[Path] = []
     pairs = drawn_pairs(points)
     if pairs:
-        pass
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
     colours = backend_colours(points)
     for x, y in pairs:
         rows = finite_rows(points, x, y)
