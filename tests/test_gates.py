@@ -11,7 +11,7 @@ from mlflow_edge.errors import EdgeError
 from mlflow_edge.gates import DEFAULT_GATES, Gate, GateGroup, Gates, parse_gates
 from mlflow_edge.metrics import METRICS
 
-GOOD = {"accuracy_retention": 0.97, "speedup": 2.4, "compression_ratio": 1.1, "latency_cv": 0.03}
+GOOD = {"accuracy_retention": 0.97, "speedup": 2.4, "compression_ratio": 1.1, "latency_cv": 0.03, "kld_mean": 0.02}
 
 
 def test_parse_single_gate() -> None:
@@ -23,9 +23,10 @@ def test_parse_single_gate() -> None:
 def test_none_gives_the_defaults() -> None:
     gates = parse_gates(None)
     assert gates is DEFAULT_GATES
-    assert str(gates) == "accuracy_retention>=0.95,speedup>=2.0|compression_ratio>=2.0,latency_cv<=0.1"
-    assert parse_gates("accuracy_retention>=0.95,speedup>=2.0|compression_ratio>=2.0,latency_cv<=0.10") == gates
-    assert gates.metrics == ("accuracy_retention", "speedup", "compression_ratio", "latency_cv")
+    spec = "accuracy_retention>=0.95,kld_mean<=0.05,speedup>=2.0|compression_ratio>=2.0,latency_cv<=0.1"
+    assert str(gates) == spec
+    assert parse_gates(spec.replace("0.1", "0.10")) == gates
+    assert gates.metrics == ("accuracy_retention", "kld_mean", "speedup", "compression_ratio", "latency_cv")
 
 
 @pytest.mark.parametrize(
@@ -55,6 +56,7 @@ def test_defaults_pass_and_fail() -> None:
     assert report.values == GOOD
     assert report.as_tags() == {
         "gate.accuracy_retention_ge_0.95": "pass",
+        "gate.kld_mean_le_0.05": "pass",
         "gate.speedup_ge_2.0_or_compression_ratio_ge_2.0": "pass",
         "gate.latency_cv_le_0.1": "pass",
         "gates.spec": str(DEFAULT_GATES),
@@ -62,7 +64,7 @@ def test_defaults_pass_and_fail() -> None:
     }
     report = DEFAULT_GATES.check({**GOOD, "latency_cv": 0.2})
     assert not report.passed
-    assert [g.status for g in report.groups] == ["pass", "pass", "fail"]
+    assert [g.status for g in report.groups] == ["pass", "pass", "pass", "fail"]
     assert report.describe().startswith("FAIL 2/3: ") and "latency_cv=0.2" in report.describe()
 
 
@@ -91,7 +93,7 @@ def test_missing_or_nan_fails_as_missing(bad: object) -> None:
 
 def test_describe_is_one_line() -> None:
     line = DEFAULT_GATES.check({}).describe()
-    assert "\n" not in line and line.startswith("FAIL 0/3")
+    assert "\n" not in line and line.startswith("FAIL 0/4")
 
 
 @pytest.mark.parametrize(
@@ -148,7 +150,7 @@ def test_tags_are_valid_mlflow_tag_keys(tracking_uri: str) -> None:
         mlflow.set_tags(report.as_tags())
     tags = mlflow.get_run(run.info.run_id).data.tags
     assert tags["gate.speedup_ge_2.0_or_compression_ratio_ge_2.0"] == "pass"
-    assert tags["gate.kld_mean_le_1e-05"] == "missing"
+    assert tags["gate.kld_mean_le_1e-05"] == "fail"
     assert parse_gates(tags["gates.spec"]) == report.gates
 
 
@@ -176,6 +178,55 @@ def test_restricted_to_keeps_the_measurable_gates() -> None:
     from mlflow_edge.metrics import ACCURACY_SIZE_METRICS
 
     kept, dropped = DEFAULT_GATES.restricted_to(ACCURACY_SIZE_METRICS)
-    assert str(kept) == "accuracy_retention>=0.95,compression_ratio>=2.0"
+    assert str(kept) == "accuracy_retention>=0.95,kld_mean<=0.05,compression_ratio>=2.0"
     assert dropped == ["speedup>=2.0", "latency_cv<=0.1"]
     assert parse_gates("speedup>=2.0").restricted_to(ACCURACY_SIZE_METRICS) == (None, ["speedup>=2.0"])
+
+
+def test_default_gates_carry_a_distribution_level_gate() -> None:
+    faithful_by_perplexity_only = {**GOOD, "accuracy_retention": 1.007, "kld_mean": 0.061}  # issue #19's Q4_1
+    report = DEFAULT_GATES.check(faithful_by_perplexity_only)
+    assert not report.passed
+    assert "kld_mean<=0.05 fail (kld_mean=0.061)" in report.describe()
+
+
+def test_fidelity_presets_replace_only_the_fidelity_groups() -> None:
+    from mlflow_edge.gates import FIDELITY_PRESETS, default_gates, resolve_gates
+
+    assert str(resolve_gates(None)) == str(DEFAULT_GATES) == str(default_gates("balanced"))
+    assert str(resolve_gates(None, "near-lossless")).startswith("accuracy_retention>=0.99,kld_mean<=0.01,speedup")
+    mixed = resolve_gates("top1_agreement>=0.9,size_mb<=100|compression_ratio>=3", "small")
+    assert str(mixed) == "accuracy_retention>=0.9,kld_mean<=0.15,size_mb<=100.0|compression_ratio>=3.0"
+    assert str(resolve_gates("size_mb<=100")) == "size_mb<=100.0"  # no preset named: the spec as given
+    thresholds = [parse_gates(FIDELITY_PRESETS[name]) for name in ("near-lossless", "balanced", "small")]
+    kld = [next(g.threshold for group in t.groups for g in group.gates if g.metric == "kld_mean") for t in thresholds]
+    assert kld == sorted(kld)  # each preset admits more distribution shift than the one before
+    with pytest.raises(EdgeError, match="unknown fidelity 'lossy'.*near-lossless, balanced, small"):
+        resolve_gates(None, "lossy")
+
+
+def test_gate_confidence_decides_on_the_pessimistic_bound() -> None:
+    from mlflow_edge.gates import resolve_gates
+
+    near_the_gate = {**GOOD, "accuracy_retention": 0.953, "accuracy_retention_lo": 0.941,
+                     "accuracy_retention_hi": 0.966, "kld_mean_lo": 0.01, "kld_mean_hi": 0.03}
+    assert DEFAULT_GATES.check(near_the_gate).passed  # the point value passes
+    bounded = resolve_gates(None, confidence=0.95)
+    report = bounded.check(near_the_gate)
+    assert not report.passed  # its lower bound does not
+    assert report.as_tags()["gate.accuracy_retention_lo_ge_0.95"] == "fail"  # the tag says it was a bound
+    assert report.as_tags()["gate.kld_mean_hi_le_0.05"] == "pass"
+    with pytest.raises(EdgeError, match="gate confidence"):
+        resolve_gates(None, confidence=1.5)
+
+
+def test_screening_prunes_only_when_the_optimistic_bound_fails() -> None:
+    unlucky_first_windows = {"accuracy_retention": 0.90, "accuracy_retention_lo": 0.80, "accuracy_retention_hi": 0.97}
+    assert DEFAULT_GATES.certain_failures(unlucky_first_windows, margin=0.0) == []  # it may still pass
+    hopeless = {**unlucky_first_windows, "accuracy_retention_hi": 0.91}
+    assert [str(g.group) for g in DEFAULT_GATES.certain_failures(hopeless)] == ["accuracy_retention>=0.95"]
+    one_window = {"kld_mean": 0.5, "kld_mean_lo": float("nan"), "kld_mean_hi": float("nan")}
+    assert DEFAULT_GATES.certain_failures(one_window) == []  # no interval from one window: undecided
+    shifted = {"kld_mean": 0.5, "kld_mean_lo": 0.3, "kld_mean_hi": 0.7}
+    bounded = DEFAULT_GATES.on_bounds()
+    assert [str(g.group) for g in bounded.certain_failures(shifted)] == ["kld_mean_hi<=0.05"]

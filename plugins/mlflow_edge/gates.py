@@ -11,6 +11,15 @@ pass (OR); a gate is ``<metric><op><threshold>`` with ``op`` one of ``>=``, ``<=
     'pass'
 
 A metric that is missing or NaN fails its gate and is reported as ``missing``.
+
+Fidelity is measured with an interval (``accuracy_retention_lo``/``_hi``, ``kld_mean_lo``/``_hi``). By default a gate
+is decided on the point value; :meth:`Gates.on_bounds` moves every such gate onto its pessimistic bound (a candidate
+passes only if the bound does), and the gate's tag key then names the bound (``gate.accuracy_retention_lo_ge_0.95``).
+Screening (:meth:`Gates.certain_failures`) prunes only on the optimistic bound::
+
+    >>> parse_gates("accuracy_retention>=0.95,kld_mean<=0.05").on_bounds().check(
+    ...     {"accuracy_retention_lo": 0.96, "kld_mean_hi": 0.07}).passed
+    False
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import re
 from typing import Literal, Mapping, Sequence
 
 from mlflow_edge.errors import EdgeError
-from mlflow_edge.metrics import METRICS
+from mlflow_edge.metrics import BOUNDS, METRICS, bound_of
 
 Status = Literal["pass", "fail", "missing"]
 
@@ -205,13 +214,28 @@ class Gates:
 
     def certain_failures(self, metrics: Mapping[str, float], margin: float = 0.0) -> list[GroupResult]:
         """Groups that ``metrics`` already fail for sure: every gate's metric is known and misses its threshold by
-        more than ``margin`` (relative). Groups with an unknown metric are undecided. Used to prune early."""
+        more than ``margin`` (relative), judged on the optimistic bound of metrics that have an interval (a gate on
+        ``accuracy_retention`` or on its bounds is judged on ``accuracy_retention_hi``; a NaN bound is unknown, an
+        unmeasured one falls back to the point value).
+        Groups with an unknown metric are undecided. Used to prune early."""
         failed = []
-        for group in self.check(metrics).groups:
+        for group in self.check(_optimistic(metrics)).groups:
             known = all(r.value is not None for r in group.results)
             if known and all(r.status == "fail" and _shortfall(r) > margin for r in group.results):
                 failed.append(group)
         return failed
+
+    def on_bounds(self) -> "Gates":
+        """These gates decided on the pessimistic bound of every metric that has an interval (``--gate-confidence``):
+        ``accuracy_retention>=t`` becomes ``accuracy_retention_lo>=t``, ``kld_mean<=t`` becomes ``kld_mean_hi<=t``."""
+        return Gates(tuple(GateGroup(tuple(dataclasses.replace(g, metric=bound_of(g.metric, "pessimistic"))
+                                           for g in group.gates)) for group in self.groups))
+
+    def without_metrics(self, metrics: Sequence[str]) -> "Gates | None":
+        """These gates without the groups that gate any of ``metrics`` (or their bounds); ``None`` when none remain."""
+        names = set(metrics) | {bound for metric in metrics for bound in BOUNDS.get(metric, ())}
+        kept = tuple(group for group in self.groups if not any(g.metric in names for g in group.gates))
+        return Gates(kept) if kept else None
 
     def restricted_to(self, measured: Sequence[str]) -> tuple["Gates | None", list[str]]:
         """These gates without those on metrics outside ``measured``: a group keeps its measurable gates, a group
@@ -226,6 +250,20 @@ class Gates:
 
     def __str__(self) -> str:
         return ",".join(str(g) for g in self.groups)
+
+
+def _optimistic(metrics: Mapping[str, float]) -> dict[str, float]:
+    """``metrics`` with every interval metric and its bounds read as the optimistic bound: NaN when that bound is NaN
+    (one window has no interval), the point value when no bound was measured at all."""
+    seen = dict(metrics)
+    for metric in BOUNDS:
+        name = bound_of(metric, "optimistic")
+        if name not in metrics and metric not in metrics:
+            continue
+        best = _value(metrics, name if name in metrics else metric)
+        for alias in (metric, *BOUNDS[metric]):
+            seen[alias] = math.nan if best is None else best
+    return seen
 
 
 def _shortfall(result: GateResult) -> float:
@@ -255,14 +293,46 @@ def _check_consistent(groups: Sequence[GateGroup]) -> None:
             raise EdgeError(f"contradictory gates '{lo}' and '{hi}': no value of {metric} can pass both")
 
 
-DEFAULT_GATES = Gates(
-    (
-        GateGroup((Gate("accuracy_retention", ">=", 0.95),)),
-        GateGroup((Gate("speedup", ">=", 2.0), Gate("compression_ratio", ">=", 2.0))),
-        GateGroup((Gate("latency_cv", "<=", 0.10),)),
-    )
-)
-"""CONVENTIONS.md defaults: accuracy_retention>=0.95, speedup>=2.0|compression_ratio>=2.0, latency_cv<=0.1."""
+FIDELITY_PRESETS: dict[str, str] = {
+    "near-lossless": "accuracy_retention>=0.99,kld_mean<=0.01",
+    "balanced": "accuracy_retention>=0.95,kld_mean<=0.05",
+    "small": "accuracy_retention>=0.9,kld_mean<=0.15",
+}
+"""``--fidelity`` presets: a perplexity ratio and a mean-KLD ceiling. The KLD ceilings follow llama.cpp's published
+``llama-perplexity --kl-divergence`` tables (8-bit and Q6_K stay near 0.01 and below; Q5_K_M and Q4_K_M lie between
+0.01 and 0.05 on 7-8B models; 3-bit K-quants reach about 0.1, Q2_K several tenths) and what this harness measures on
+SmolLM2-135M (Q4_K_M 0.050, OpenVINO INT8_ASYM 0.007): near-lossless admits 8-bit/Q6_K, balanced the 4-5-bit types
+users pick by default, small the 3-bit ones. README.md documents the choice."""
+DEFAULT_FIDELITY = "balanced"
+FIDELITY_METRICS = ("accuracy_retention", "kld_mean", "kld_p99", "top1_agreement", "perplexity")
+"""Metrics whose gates a ``--fidelity`` preset replaces."""
+SPEED_GATES = "speedup>=2.0|compression_ratio>=2.0,latency_cv<=0.1"
+
+
+def default_gates(fidelity: str = DEFAULT_FIDELITY) -> "Gates":
+    """The ``fidelity`` preset's gates and the speed/size and timing-trust gates of CONVENTIONS.md."""
+    return parse_gates([_preset(fidelity), SPEED_GATES])
+
+
+def resolve_gates(spec: "str | Sequence[str] | Gates | None", fidelity: str | None = None,
+                  confidence: float | None = None) -> "Gates":
+    """The gates in force: ``spec`` (the defaults when ``None``), its fidelity groups replaced by the ``fidelity``
+    preset when one is named, decided on the bounds when a ``confidence`` level is given (``--gate-confidence``)."""
+    gates = parse_gates(spec) if spec is not None else default_gates(fidelity or DEFAULT_FIDELITY)
+    if fidelity is not None and spec is not None:
+        rest = gates.without_metrics(FIDELITY_METRICS)
+        gates = parse_gates([_preset(fidelity), *([str(rest)] if rest else [])])
+    if confidence is not None:
+        if not 0.5 <= confidence < 1.0:
+            raise EdgeError(f"gate confidence must be at least 0.5 and below 1, got {confidence}")
+        gates = gates.on_bounds()
+    return gates
+
+
+def _preset(fidelity: str) -> str:
+    if fidelity not in FIDELITY_PRESETS:
+        raise EdgeError(f"unknown fidelity '{fidelity}' (choose from {', '.join(FIDELITY_PRESETS)})")
+    return FIDELITY_PRESETS[fidelity]
 
 
 def parse_gates(spec: str | Sequence[str] | Gates | None) -> Gates:
@@ -281,3 +351,7 @@ def parse_gates(spec: str | Sequence[str] | Gates | None) -> Gates:
             raise EdgeError("empty gate spec (e.g. 'accuracy_retention>=0.95,speedup>=2.0|compression_ratio>=2.0')")
         groups += [GateGroup.parse(text) for text in part.split(",")]
     return Gates(tuple(groups))
+
+
+DEFAULT_GATES = default_gates()
+"""The defaults in force: the balanced fidelity preset, ``speedup>=2.0|compression_ratio>=2.0``, ``latency_cv<=0.1``."""

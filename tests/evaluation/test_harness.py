@@ -131,7 +131,8 @@ def test_screen_scores_the_first_windows_against_the_same_reference_windows(eval
     one = evaluator.screen(quantized["Q2_K"], windows=1)
     both = evaluator.screen(quantized["Q2_K"], windows=5)  # clamped to the 2 windows there are
     assert set(one) == {"perplexity", "kld_mean", "kld_p99", "top1_agreement", "accuracy_retention", "size_mb",
-                        "bits_per_weight", "compression_ratio"}
+                        "bits_per_weight", "compression_ratio", "accuracy_retention_lo", "accuracy_retention_hi",
+                        "kld_mean_lo", "kld_mean_hi"}
     assert both["perplexity"] == pytest.approx(results["Q2_K"]["perplexity"], rel=1e-4)
     assert both["kld_mean"] == pytest.approx(results["Q2_K"]["kld_mean"], rel=1e-4)
     # the reference perplexity comes from its cached float16 log-probabilities: the retention agrees closely
