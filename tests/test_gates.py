@@ -65,7 +65,7 @@ def test_defaults_pass_and_fail() -> None:
     report = DEFAULT_GATES.check({**GOOD, "latency_cv": 0.2})
     assert not report.passed
     assert [g.status for g in report.groups] == ["pass", "pass", "pass", "fail"]
-    assert report.describe().startswith("FAIL 2/3: ") and "latency_cv=0.2" in report.describe()
+    assert report.describe().startswith("FAIL 3/4: ") and "latency_cv=0.2" in report.describe()
 
 
 def test_or_group_passes_on_either_gate() -> None:
