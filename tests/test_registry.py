@@ -47,7 +47,7 @@ def test_bad_policies_are_refused(spec):
         registry.parse_policy(spec)
 
 
-def test_only_finished_evaluated_candidates_of_the_target_with_a_model_compete(tracking_uri):
+def test_only_finished_evaluated_candidates_of_the_target_compete(tracking_uri):
     experiment = mlflow.set_experiment("edge")
     def make(role, target, status="FINISHED", model=True, evaluated=True):
         with mlflow.start_run() as run:
@@ -66,10 +66,14 @@ def test_only_finished_evaluated_candidates_of_the_target_with_a_model_compete(t
     make("candidate", "arm-cpu")
     make("reference", "cpu")
     make("candidate", "cpu", status="FAILED")
-    make("candidate", "cpu", model=False)
+    unlogged = make("candidate", "cpu", model=False)  # measured, its model files not logged (off a search's front)
     make("candidate", "cpu", evaluated=False)  # a logged model never measured (a standalone convert) is no candidate
     found = registry.candidate_runs([experiment.experiment_id], "cpu")
-    assert [run.info.run_id for run in found] == [keep]
+    assert [run.info.run_id for run in found] == [unlogged, keep]
+    with pytest.raises(EdgeError, match="1 candidate.s. passed the gates size_mb<=0.5 but none has its model files "
+                                        "logged .*mlflow_edge.rebuild"):
+        mlflow.MlflowClient().log_metric(unlogged, "size_mb", 0.4)
+        registry.promote([experiment.experiment_id], "cpu", parse_gates("size_mb<=0.5"), "min:size_mb", "m")
 
 
 def test_nothing_to_promote_is_an_error_and_registers_nothing(tracking_uri):

@@ -64,6 +64,13 @@ def quantize(source: SourceModel, base: Artifact, precision: str, options: Mappi
     )
 
 
+def content_digest(artifact: Artifact) -> str:
+    """sha256 over the artifact's model files (name and content hash of each, in name order): equal digests mean
+    byte-identical model files, whatever folder they sit in."""
+    files = sorted(artifact.files or (artifact.path,), key=lambda f: f.name)
+    return cache.key_digest({"files": [[f.name, cache.sha256_file(f)] for f in files]})
+
+
 def export_copy(artifact: Artifact, output_dir: Path | None) -> None:
     if output_dir is not None:
         for file in artifact.files:

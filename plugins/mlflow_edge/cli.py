@@ -39,6 +39,21 @@ def parse_options(spec: str | None) -> dict[str, str]:
     return options
 
 
+def _optional_text(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``''`` (an unset MLproject parameter) → ``None``."""
+    return value if value is not None and str(value).strip() else None
+
+
+def _optional_float(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """``''`` (an unset MLproject parameter) → ``None``; else a float."""
+    if value is None or not str(value).strip():
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number") from None
+
+
 def _settings(eval_text: str | None, window: int, windows: int, threads: int | None, repeats: int):
     from mlflow_edge.evaluation.data import evaluation_text
     from mlflow_edge.evaluation.harness import EvalSettings, default_threads
@@ -54,7 +69,15 @@ _backend = click.option("--backend", default=None,
                              "first installed one)")
 _target = click.option("--target", default="cpu", show_default=True, help="hardware target (see conventions)")
 _experiment = click.option("--experiment", default=None, help="MLflow experiment (default: mlflow-edge)")
-_gates = click.option("--gates", default=None, help="e.g. 'accuracy_retention>=0.95,speedup>=2|compression_ratio>=2'")
+_gates = click.option("--gates", default=None, callback=_optional_text,
+                      help="e.g. 'accuracy_retention>=0.95,kld_mean<=0.05,speedup>=2|compression_ratio>=2' "
+                           "(default: the balanced fidelity preset, speed or size, latency_cv<=0.1)")
+_fidelity = click.option("--fidelity", default=None, callback=_optional_text,
+                         help="near-lossless|balanced|small: the preset of the fidelity gates (accuracy_retention, "
+                              "kld_mean), replacing those of --gates")
+_gate_confidence = click.option("--gate-confidence", default=None, callback=_optional_float,
+                                help="decide fidelity gates on the bound of this confidence level (e.g. 0.95) "
+                                     "instead of the point value")
 
 
 def _eval_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -191,19 +214,21 @@ def evaluate(model: str, artifact_uri: str, target: str, gates: str | None, eval
 @click.option("--study", default=None, help="only candidates of this study (parent run id)")
 @click.option("--model", default=None,
               help="only candidates of this source model (name or sha256; default: the champion's, or the only one)")
+@_fidelity
+@_gate_confidence
 @_one_line_errors
 def promote(experiment: str, target: str, gates: str | None, policy: str, registered_model: str,
-            study: str | None, model: str | None) -> None:
+            study: str | None, model: str | None, fidelity: str | None, gate_confidence: float | None) -> None:
     """Register the best gate-passing candidate and set the <target>-champion alias."""
     import mlflow
 
     from mlflow_edge import registry
-    from mlflow_edge.gates import parse_gates
+    from mlflow_edge.gates import resolve_gates
     from mlflow_edge.runs import log_new_params, tracked_run
     from mlflow_edge.targets import get_target
 
     get_target(target)
-    gate_spec = parse_gates(gates)
+    gate_spec = resolve_gates(gates, fidelity, gate_confidence)
     found = mlflow.get_experiment_by_name(experiment)
     if found is None:
         raise EdgeError(f"experiment not found: {experiment}")
@@ -215,16 +240,6 @@ def promote(experiment: str, target: str, gates: str | None, policy: str, regist
     click.echo(result.describe())
 
 
-def _optional_float(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
-    """``''`` (an unset MLproject parameter) → ``None``; else a float."""
-    if value is None or not str(value).strip():
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a number") from None
-
-
 def _search_options(func: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed([
         _model, _target,
@@ -234,7 +249,7 @@ def _search_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--timeout", default=None, callback=_optional_float, help="time budget in seconds"),
         click.option("--objectives", default="multi", show_default=True,
                      help="'multi' (max decode_tok_s, min size_mb, max accuracy_retention) or max:/min:<metric>,…"),
-        _gates,
+        _gates, _fidelity, _gate_confidence,
         click.option("--policy", default="min:size_mb", show_default=True,
                      help="promotion policy among feasible trials: max:/min:<metric> or "
                           "weighted:max:<metric>=<w>,min:<metric>=<w>,…"),
@@ -257,8 +272,8 @@ def _search_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _search(run_name: str, model: str, target: str, backends: str | None, trials: int, timeout: float | None,
-            objectives: str,
-            gates: str | None, policy: str, seed: int, storage: str | None, study_name: str | None,
+            objectives: str, gates: str | None, fidelity: str | None, gate_confidence: float | None, policy: str,
+            seed: int, storage: str | None, study_name: str | None,
             registered_model: str | None, calibration_text: str | None, accuracy_only: bool,
             screen_windows: int | None, prune_margin: float, eval_text: str | None, window: int, windows: int,
             threads: int | None, repeats: int, experiment: str | None) -> None:
@@ -267,7 +282,8 @@ def _search(run_name: str, model: str, target: str, backends: str | None, trials
     result = run_search(model, target, trials, timeout, objectives, gates, policy, seed, storage, study_name,
                         registered_model or None, _settings(eval_text, window, windows, threads, repeats),
                         calibration_text, experiment, accuracy_only=accuracy_only, screen_windows=screen_windows,
-                        prune_margin=prune_margin, run_name=run_name,
+                        prune_margin=prune_margin, run_name=run_name, fidelity=fidelity,
+                        gate_confidence=gate_confidence,
                         backends=[b.strip() for b in (backends or "").split(",") if b.strip()] or None)
     click.echo(f"study {result['study']}: {result['trials']} trials ({result['new_trials']} new), "
                f"{len(result['pareto'])} on the Pareto front")

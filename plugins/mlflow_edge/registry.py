@@ -25,9 +25,11 @@ from mlflow_edge.errors import EdgeError, first_line
 from mlflow_edge.gates import GateReport, Gates
 from mlflow_edge.metrics import METRICS
 from mlflow_edge.readiness import Champion, Promoted
-from mlflow_edge.runs import filter_literal, progress
+from mlflow_edge.runs import MODEL_URI_TAG, filter_literal, progress
 
-MODEL_URI_TAG = "mlflow_edge.model_uri"
+REBUILD_TAG = "mlflow_edge.rebuild"
+"""Tag of a candidate whose model files were not logged: the ``mlflow-edge quantize`` command that rebuilds them."""
+
 EVALUATED_TAG = "gates.result"
 """Set on a run whose artifact the harness measured and whose gates were checked: only such runs are candidates."""
 PROMOTION_TAG = "mlflow_edge.promotion"
@@ -149,11 +151,11 @@ class Promotion:
 
 
 def candidate_runs(experiment_ids: Sequence[str], target: str, study: str | None = None) -> list[Run]:
-    """Finished candidate runs of ``target`` (and ``study``, when given) that logged a model and were evaluated (their
-    gates checked), newest first."""
+    """Finished candidate runs of ``target`` (and ``study``, when given) that were evaluated (their gates checked),
+    newest first. Only those with model files logged (:data:`MODEL_URI_TAG`) can be promoted."""
     runs = _tagged_runs(experiment_ids, {"mlflow_edge.role": "candidate", "mlflow_edge.target": target,
                                          **({"mlflow_edge.study": study} if study else {})})
-    return [run for run in runs if MODEL_URI_TAG in run.data.tags and EVALUATED_TAG in run.data.tags]
+    return [run for run in runs if EVALUATED_TAG in run.data.tags]
 
 
 def reference_run(candidate: Run) -> Run | None:
@@ -209,10 +211,14 @@ def _feasible(runs: Sequence[Run], gates: Gates, target: str) -> list[tuple[Run,
     if not runs:
         raise EdgeError(f"no evaluated candidate runs for target '{target}'; nothing registered")
     checked = [(run, gates.check(run.data.metrics)) for run in runs]
-    feasible = [(run, report) for run, report in checked if report.passed]
-    if not feasible:
+    passed = [(run, report) for run, report in checked if report.passed]
+    feasible = [(run, report) for run, report in passed if MODEL_URI_TAG in run.data.tags]
+    if not passed:
         raise EdgeError(f"none of {len(runs)} candidates passed the gates {gates}; nothing registered, "
                         "champion unchanged")
+    if not feasible:
+        raise EdgeError(f"{len(passed)} candidate(s) passed the gates {gates} but none has its model files logged "
+                        f"(a search logs its front only; rebuild one with its tag {REBUILD_TAG}); nothing registered")
     return feasible
 
 

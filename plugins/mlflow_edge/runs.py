@@ -28,6 +28,9 @@ DEFAULT_EXPERIMENT = "mlflow-edge"
 ERROR_TAG = "mlflow_edge.error"
 PRUNED_TAG = "mlflow_edge.pruned"
 STALE_REASON = "interrupted: the run was left RUNNING by a process that stopped"
+MODEL_URI_TAG = "mlflow_edge.model_uri"
+DIGEST_TAG = "mlflow_edge.artifact_sha256"
+"""Content hash of an evaluated artifact's model files (:func:`mlflow_edge.artifacts.content_digest`)."""
 OWNER_TAG = "mlflow_edge.owner"
 """``<host>:<pid>-<start time>`` of the process that runs the run (:func:`mlflow_edge.procs.owner_tag`)."""
 
@@ -148,8 +151,36 @@ def log_model_with_metrics(artifact: Artifact, metrics: Mapping[str, float] | No
     if metrics:
         mlflow.log_metrics(dict(metrics))
         mlflow.log_metrics(dict(metrics), model_id=info.model_id)
-    mlflow.set_tag("mlflow_edge.model_uri", info.model_uri)
+    mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
     return info.model_uri
+
+
+def store_model(run_id: str, artifact: Artifact, metrics: Mapping[str, float]) -> int:
+    """Give the finished candidate run ``run_id`` its model: the model another run of the experiment logged with the
+    same content hash (:data:`DIGEST_TAG`), else ``artifact`` logged into it now (with ``metrics`` on the logged
+    model). Returns the bytes logged (0 when the run had a model or shares one)."""
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    if MODEL_URI_TAG in run.data.tags:
+        return 0
+    digest = run.data.tags.get(DIGEST_TAG)
+    twin = _model_with_digest(run.info.experiment_id, digest) if digest else None
+    if twin is not None:
+        client.set_tag(run_id, MODEL_URI_TAG, twin)
+        return 0
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        info = flavors.log_artifact_model(artifact, name="model")
+        if metrics:
+            mlflow.log_metrics(dict(metrics), model_id=info.model_id)
+        mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
+    return artifact.size_bytes
+
+
+def _model_with_digest(experiment_id: str, digest: str) -> str | None:
+    """The model URI of a finished run of ``experiment_id`` whose artifact has content hash ``digest``."""
+    found = mlflow.MlflowClient().search_runs(
+        [experiment_id], f"tags.`{DIGEST_TAG}` = '{digest}' AND attributes.status = 'FINISHED'", max_results=50)
+    return next((r.data.tags[MODEL_URI_TAG] for r in found if MODEL_URI_TAG in r.data.tags), None)
 
 
 def evaluate_reference(evaluator: "Evaluator", target: str, study: str) -> dict[str, float]:
@@ -165,13 +196,20 @@ def evaluate_reference(evaluator: "Evaluator", target: str, study: str) -> dict[
 
 
 def evaluate_candidate(evaluator: "Evaluator", artifact: Artifact, gates: "Gates", target: str,
-                       study: str) -> dict[str, Any]:
-    """Measure ``artifact``, check the gates, log params, metrics, tags and the model in the active run."""
-    metrics = evaluator.evaluate(artifact)
+                       study: str, base: Artifact | None = None, log_model: bool = True) -> dict[str, Any]:
+    """Measure ``artifact`` (``speedup_vs_base`` against ``base`` when given), check the gates, log params, metrics,
+    tags (the content hash among them) and, unless ``log_model`` is false, the model in the active run."""
+    from mlflow_edge.artifacts import content_digest
+
+    metrics = evaluator.evaluate(artifact, base)
     report = gates.check(metrics)
     mlflow.log_params({**artifact_params(artifact, target), **evaluator.settings.params()})
-    mlflow.set_tags(report.as_tags())
-    model_uri = log_model_with_metrics(artifact, metrics)
+    mlflow.set_tags({**report.as_tags(), DIGEST_TAG: content_digest(artifact)})
+    if log_model:
+        model_uri = log_model_with_metrics(artifact, metrics)
+    else:
+        mlflow.log_metrics(dict(metrics))
+        model_uri = None
     speed = f", decode {metrics['decode_tok_s']:.1f} tok/s" if "decode_tok_s" in metrics else ""
     progress(f"{artifact.precision}: size {metrics['size_mb']:.1f} MB, ppl {metrics['perplexity']:.3f}, "
              f"KLD {metrics['kld_mean']:.4f}{speed}, gates {report.describe()}")

@@ -13,9 +13,11 @@ module knows no framework::
 
 from __future__ import annotations
 
+import random
 from typing import Any, Sequence
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
 
 from mlflow_edge.backends import backend_names, get_backend
 from mlflow_edge.sources import SourceModel
@@ -102,3 +104,60 @@ def enumerate_space(backends: Sequence[str], limit: int = 10_000) -> list[dict[s
     except _Unenumerable:
         return None
     return points
+
+
+class DistinctSampler(optuna.samplers.BaseSampler):
+    """``base`` (TPE) kept to configurations no trial of the study measured yet.
+
+    Before each trial it lists the points of ``space`` (:func:`enumerate_space`) that no finished, measured or running
+    trial holds; while the trial suggests its parameters one by one, a value ``base`` picks that leaves no such point
+    is replaced by one that does (seeded choice), so every trial of the budget measures something new. Fixed
+    parameters (enqueued trials) are taken as given. Sampling is independent per parameter, as TPE's default is.
+    """
+
+    def __init__(self, base: optuna.samplers.BaseSampler, space: Sequence[dict[str, Any]], seed: int = 0) -> None:
+        self.base = base
+        self.space = list(space)
+        self.open: list[dict[str, Any]] = list(space)
+        self._rng = random.Random(seed)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        return {}
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        others = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
+        self.open = unmeasured(self.space, others)
+        self.base.before_trial(study, trial)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: optuna.distributions.BaseDistribution) -> Any:
+        value = self.base.sample_independent(study, trial, param_name, param_distribution)
+        reachable = [p for p in self.open if all(k in p and p[k] == v for k, v in trial.params.items())]
+        allowed = [p[param_name] for p in reachable if param_name in p]
+        if not allowed or value in allowed:
+            return value
+        return self._rng.choice(list(dict.fromkeys(allowed)))
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+
+
+def counts_as_measured(trial: FrozenTrial) -> bool:
+    """Whether ``trial``'s configuration is taken: measured (complete or pruned), failing for a reason of its own
+    (an ``error``), or being measured now. Trials a stopped process left behind are not: they run again."""
+    if trial.state == TrialState.FAIL:
+        return "error" in trial.user_attrs
+    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+
+
+def unmeasured(space: Sequence[dict[str, Any]], trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
+    """The points of ``space`` no trial in ``trials`` has taken (:func:`counts_as_measured`)."""
+    taken = [t.params for t in trials if counts_as_measured(t)]
+    return [point for point in space if point not in taken]

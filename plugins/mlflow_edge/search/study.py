@@ -3,8 +3,11 @@
 One parent MLflow run (role ``study``) holds the reference run and one nested run per trial (role ``candidate``,
 tagged ``mlflow_edge.trial`` and ``optuna.study``). Gates are Optuna constraints (one value per gate group, ``<= 0``
 when the group passes, set with ``Trial.set_constraint``), so the Pareto front (``study.best_trials``) holds only
-feasible trials. Evaluation is cheap-first: a trial whose accuracy on the first windows already fails a gate is
-pruned before its timed runs, and a trial that repeats an earlier one's parameters reuses its result. The study lives
+feasible trials. Every trial measures a configuration no earlier trial of the study measured
+(:class:`~mlflow_edge.search.space.DistinctSampler`); the search stops early when the space is exhausted. Evaluation
+is cheap-first: a trial whose accuracy on the first windows already fails a gate even on its optimistic bound is
+pruned before its timed runs. Model files are logged only for the feasible front and the policy's best (once per
+content hash); every other trial keeps its metrics and the command that rebuilds its artifact. The study lives
 in an Optuna RDB store (default ``optuna.db`` next to the MLflow sqlite store), so a second call with the same study
 name resumes it and only runs what is left of the ``trials`` budget::
 
@@ -24,6 +27,7 @@ import html
 import json
 import math
 import os
+import shlex
 import tempfile
 import warnings
 from pathlib import Path
@@ -40,7 +44,7 @@ from mlflow_edge.backends import get_backend
 from mlflow_edge.errors import EdgeError, first_line
 from mlflow_edge.evaluation.data import TextSlice, calibration_text, check_disjoint
 from mlflow_edge.evaluation.harness import EvalSettings, Evaluator
-from mlflow_edge.gates import Gates, parse_gates
+from mlflow_edge.gates import Gates, resolve_gates
 from mlflow_edge.metrics import ACCURACY_SIZE_METRICS, METRICS
 from mlflow_edge.runs import (
     end_stale_run,
@@ -50,9 +54,18 @@ from mlflow_edge.runs import (
     progress,
     promote_study,
     run_tags,
+    store_model,
     tracked_run,
 )
-from mlflow_edge.search.space import backends_for, backends_for_model, suggest
+from mlflow_edge.search.plots import point_label, write_front_plots
+from mlflow_edge.search.space import (
+    DistinctSampler,
+    backends_for,
+    backends_for_model,
+    enumerate_space,
+    suggest,
+    unmeasured,
+)
 from mlflow_edge.sources import SourceModel, resolve_source
 from mlflow_edge.targets import get_target, is_measurable
 
@@ -64,6 +77,7 @@ ACCURACY_SIZE_OBJECTIVE: tuple[tuple[str, str], ...] = (("size_mb", "minimize"),
 """``objectives="multi"`` in the accuracy/size-only mode (no speed measured)."""
 
 DONE_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+REBUILD_TAG = registry.REBUILD_TAG
 HEARTBEAT_ENV = "MLFLOW_EDGE_TRIAL_HEARTBEAT"
 DEFAULT_HEARTBEAT_S = 60
 """Seconds between a running trial's heartbeats in the Optuna storage; a trial silent for four of them is stale."""
@@ -152,10 +166,12 @@ def pareto_table(study: optuna.Study, objectives: Sequence[tuple[str, str]]) -> 
     return table.sort_values([m for m, _ in objectives], ascending=[d == "minimize" for _, d in objectives])
 
 
-def write_search_report(study: optuna.Study, objectives: Sequence[tuple[str, str]], out_dir: Path) -> list[Path]:
-    """``pareto.csv``, ``pareto.html``, ``trials.csv``, and the plots as PNG (matplotlib) and interactive HTML (plotly):
-    ``pareto_front`` (or ``optimization_history`` for one objective) and, when the trials vary,
-    ``param_importances``."""
+def write_search_report(study: optuna.Study, objectives: Sequence[tuple[str, str]], out_dir: Path,
+                        champion_run_id: str | None = None) -> list[Path]:
+    """``pareto.csv``, ``pareto.html``, ``trials.csv``, the 2-D labelled fronts (``front_size_mb_vs_kld_mean``,
+    ``front_size_mb_vs_decode_tok_s``; the champion marked) and Optuna's plots, each as PNG (matplotlib) and
+    interactive HTML (plotly): ``pareto_front`` (or ``optimization_history`` for one objective) and, when the trials
+    vary, ``param_importances``."""
     import matplotlib.pyplot as plt
     from optuna import visualization as vis
     from optuna.visualization import matplotlib as oplt
@@ -167,6 +183,7 @@ def write_search_report(study: optuna.Study, objectives: Sequence[tuple[str, str
         + table.to_html(index=False, float_format=lambda v: f"{v:.4g}"),
         encoding="utf-8")
     study.trials_dataframe().to_csv(out_dir / "trials.csv", index=False)
+    write_front_plots(trial_points(study, champion_run_id), out_dir, study.study_name)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     names = [m for m, _ in objectives]
     plots = []
@@ -193,6 +210,65 @@ def write_search_report(study: optuna.Study, objectives: Sequence[tuple[str, str
     return sorted(out_dir.iterdir())
 
 
+def rebuild_command(model_spec: str, artifact: Any) -> str:
+    """``mlflow-edge quantize …`` with the model, backend, precision and options that rebuild ``artifact``."""
+    options = {k: v for k, v in artifact.options.items() if not k.startswith("calib.") and v is not None}
+    words = ["mlflow-edge", "quantize", "--model", model_spec, "--backend", artifact.backend,
+             "--precision", artifact.precision]
+    if options:
+        words += ["--options", ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                                         for k, v in sorted(options.items()))]
+    return shlex.join(words)
+
+
+def feasible(trial: FrozenTrial) -> bool:
+    """A complete trial that passed every gate (all its constraints ``<= 0``)."""
+    return trial.state == TrialState.COMPLETE and all(v <= 0 for v in trial.user_attrs.get("constraints", {}).values())
+
+
+def trials_worth_storing(study: optuna.Study, policy: registry.Policy) -> list[FrozenTrial]:
+    """The feasible Pareto front and the policy's best feasible trial (the champion-to-be): the trials whose model
+    files are logged."""
+    chosen = {t.number: t for t in study.best_trials if feasible(t)}
+    pool = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if feasible(t)]
+    if pool:
+        scores = policy.scores([t.user_attrs.get("metrics", {}) for t in pool])
+        best = max(range(len(pool)), key=lambda i: (scores[i], -pool[i].user_attrs["metrics"].get("size_mb", 0)))
+        chosen.setdefault(pool[best].number, pool[best])
+    return [chosen[n] for n in sorted(chosen) if "twin_of" not in chosen[n].user_attrs]
+
+
+def store_front_models(study: optuna.Study, objective: "Objective", policy: registry.Policy) -> int:
+    """Log the model files of :func:`trials_worth_storing` into their runs (once per content hash in the
+    experiment); return the bytes logged."""
+    stored = 0
+    for trial in trials_worth_storing(study, policy):
+        backend, precision = trial.user_attrs["backend"], trial.user_attrs["precision"]
+        base = convert(objective.source, backend)
+        artifact = quantize(objective.source, base, precision, trial.user_attrs.get("options", {}),
+                            objective.calibration)
+        stored += store_model(trial.user_attrs["run_id"], artifact, trial.user_attrs.get("metrics", {}))
+    return stored
+
+
+def trial_points(study: optuna.Study, champion_run_id: str | None) -> pd.DataFrame:
+    """One row per measured trial for the front plots: label, feasible, on the front, champion, and its metrics (a
+    pruned trial's are those of its screening)."""
+    front = {t.number for t in study.best_trials}
+    rows = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        metrics = trial.user_attrs.get("metrics") or trial.user_attrs.get("screen") or {}
+        if not metrics or "twin_of" in trial.user_attrs:
+            continue
+        rows.append({"trial": trial.number, "label": point_label(trial.user_attrs.get("backend", "?"),
+                                                                 trial.user_attrs.get("precision", "?"),
+                                                                 trial.user_attrs.get("options", {})),
+                     "feasible": feasible(trial), "on_front": trial.number in front and feasible(trial),
+                     "champion": bool(champion_run_id) and trial.user_attrs.get("run_id") == champion_run_id,
+                     **metrics})
+    return pd.DataFrame(rows)
+
+
 def earlier_twin(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial | None:
     """A finished earlier trial of ``study`` with the same parameters (its result stands for this one)."""
     for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
@@ -204,6 +280,9 @@ def earlier_twin(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial | None
 @dataclasses.dataclass
 class Objective:
     """One trial: sample, quantize (cached), screen accuracy on a first slice, measure fully, log, score.
+
+    A trial's run holds metrics, params, tags, the artifact's content hash and the command that rebuilds it; model
+    files are logged after the search, for the trials worth keeping (:func:`store_front_models`).
 
     Screening prunes (``optuna.TrialPruned``) a trial whose first ``screen_windows`` windows already fail a gate by more
     than ``prune_margin`` (relative), before the timed runs and the model logging. A trial whose parameters an earlier
@@ -220,6 +299,7 @@ class Objective:
     calibration: TextSlice
     screen_windows: int = 0
     prune_margin: float = 0.02
+    model_spec: str = ""
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         trial.set_user_attr("owner", procs.owner_tag())  # a search on this host can tell when this process is gone
@@ -237,9 +317,10 @@ class Objective:
                 trial.set_user_attr("run_id", run.info.run_id)
                 base = convert(self.source, backend)
                 artifact = quantize(self.source, base, precision, options, self.calibration)
+                mlflow.set_tag(REBUILD_TAG, rebuild_command(self.model_spec or self.source.name, artifact))
                 self._screen(trial, artifact)
-                metrics = evaluate_candidate(self.evaluator, artifact, self.gates, self.target,
-                                             self.study_name)["metrics"]
+                metrics = evaluate_candidate(self.evaluator, artifact, self.gates, self.target, self.study_name,
+                                             base=base, log_model=False)["metrics"]
         except optuna.TrialPruned:
             raise
         except Exception as exc:
@@ -299,7 +380,8 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
                registered_model: str | None = None, settings: EvalSettings | None = None,
                calibration_path: str | None = None, experiment: str | None = None, accuracy_only: bool = False,
                screen_windows: int | None = None, prune_margin: float = 0.02,
-               run_name: str = "search", backends: Sequence[str] | None = None) -> dict[str, Any]:
+               run_name: str = "search", backends: Sequence[str] | None = None, fidelity: str | None = None,
+               gate_confidence: float | None = None) -> dict[str, Any]:
     """Search the target's installed backends with Optuna for ``trials`` trials (or ``timeout`` seconds), log every
     trial as a nested MLflow run, the Pareto front on the parent, and promote the best feasible one by ``policy``.
 
@@ -307,8 +389,12 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
     objectives, gates and policy use accuracy and size alone (gates on other metrics are dropped and listed).
     ``backends`` narrows the search to some of the target's installed backends.
     ``screen_windows`` (default: a quarter of the evaluation windows; 0 disables) is the cheap first slice that can
-    prune a trial before its timed runs. Returns ``{"study", "storage", "run_id", "trials", "new_trials", "pareto",
-    "promotion"}``.
+    prune a trial before its timed runs. ``fidelity`` names a preset for the fidelity gates
+    (:data:`~mlflow_edge.gates.FIDELITY_PRESETS`); ``gate_confidence`` decides gates on the bounds of that confidence
+    level instead of the point values. Every trial measures a configuration no earlier trial measured; the search stops
+    early when none is left. Model files are logged for the feasible front and the policy's best only. Returns
+    ``{"study", "storage", "run_id", "trials", "new_trials", "pareto", "promotion", "distinct_left",
+    "bytes_logged"}``.
     """
     target_spec = get_target(target)
     if (trials is None or trials < 1) and timeout is None:
@@ -318,7 +404,7 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
     if not accuracy_only and not is_measurable(target_spec):
         raise EdgeError(f"target '{target}' needs {target_spec.requires}, which this machine lacks, so latency cannot "
                         "be measured here; rerun with --accuracy-only true to search by accuracy and size alone")
-    gate_spec = parse_gates(gates)
+    gate_spec = resolve_gates(gates, fidelity, gate_confidence)
     dropped: list[str] = []
     if accuracy_only:
         _refuse_unmeasured_gates(gate_spec if gates is not None else None)
@@ -335,6 +421,8 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
         raise EdgeError(f"no installed backend for target '{target}' (it recommends "
                         f"{', '.join(target_spec.primary + target_spec.secondary)})")
     settings = settings or EvalSettings()
+    if gate_confidence is not None:
+        settings = dataclasses.replace(settings, confidence=gate_confidence)
     if accuracy_only:
         settings = dataclasses.replace(settings, speed=False)
     if screen_windows is None:
@@ -356,6 +444,7 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
             raise EdgeError(f"no backend for target '{target}' can convert {source.name}: "
                             + "; ".join(unsupported.values()))
         name = study_name or f"{source.name}-{target}"
+        mlflow.MlflowClient().update_run(parent.info.run_id, name=name)  # a readable parent: the study's name
         mlflow.set_tags({"mlflow_edge.study": name, "optuna.study": name, "optuna.storage": storage_label,
                          "mlflow_edge.measured": "accuracy,size" if accuracy_only else "all"})
         if dropped:
@@ -365,7 +454,8 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
                         "backends": ",".join(backends), "trials": trials, "timeout": timeout,
                         "objectives": ",".join(f"{d[:3]}:{m}" for m, d in goals), "gates": str(gate_spec),
                         "policy": policy, "seed": seed, "study": name, "accuracy_only": accuracy_only,
-                        "screen_windows": screen_windows, "prune_margin": prune_margin, **settings.params()})
+                        "screen_windows": screen_windows, "prune_margin": prune_margin, "fidelity": fidelity,
+                        "gate_confidence": gate_confidence, **settings.params()})
         for backend in backends:  # convert once per (source, backend); every trial reuses it from the cache
             base = convert(source, backend)
             progress(f"base {backend} {base.precision}: {base.size_bytes / 1e6:.1f} MB")
@@ -374,34 +464,60 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
         if stale:
             progress(f"marked trial(s) {', '.join(map(str, stale))} FAIL: left RUNNING by a stopped search")
         before = len(study.trials)
-        # A resumed study draws on from where it stopped instead of replaying the first call's random start-up trials;
-        # a small budget keeps TPE's random start-up short enough to leave it trials to learn from.
-        startup = min(10, max(2, (trials or 10) // 2))
-        study.sampler = optuna.samplers.TPESampler(seed=seed + before, n_startup_trials=startup)
+        space = enumerate_space(backends)
+        study.sampler = _sampler(space, seed + before, trials)
         done = sum(t.state in DONE_STATES and t.number not in stale for t in study.get_trials(deepcopy=False))
         remaining = max(trials - done, 0) if trials and trials >= 1 else None
         if before == 0:  # a new study: the backends' usual defaults first, as far as the budget goes
             for point in starting_points(backends)[:remaining]:
                 study.enqueue_trial(point, skip_if_exists=True)
+        left = None if space is None else len(unmeasured(space, study.get_trials(deepcopy=False)))
+        if left is not None and (remaining is None or remaining > left):
+            progress(f"only {left} of the {len(space)} configurations are not measured yet: the search stops after "
+                     "them")
+            remaining = left
         progress(f"study {name}: {done} trial(s) done, {remaining if remaining is not None else 'unbounded'} to run "
                  f"over {', '.join(backends)}")
 
-        if remaining != 0:  # a study with nothing left to run measures nothing again
-            _optimize(study, Objective(source, backends, target, name, goals, gate_spec, Evaluator(source, settings),
-                                       calibration, screen_windows, prune_margin), remaining, timeout)
-
-        with tempfile.TemporaryDirectory() as tmp:
-            write_search_report(study, goals, Path(tmp))
-            mlflow.log_artifacts(tmp, artifact_path="search")
+        objective = Objective(source, backends, target, name, goals, gate_spec, Evaluator(source, settings),
+                              calibration, screen_windows, prune_margin, model_spec=model)
+        try:
+            if remaining != 0:  # a study with nothing left to run measures nothing again
+                _optimize(study, objective, remaining, timeout)
+            bytes_logged = store_front_models(study, objective, promotion_policy)
+        finally:
+            objective.evaluator.close()
+        mlflow.log_metric("bytes_logged", bytes_logged)
         table = pareto_table(study, goals)
         counts = {state.name.lower(): len(study.get_trials(deepcopy=False, states=(state,))) for state in DONE_STATES}
         mlflow.log_metrics({f"trials_{k}": v for k, v in counts.items()})
         progress(f"Pareto front: {len(table)} feasible trial(s) of {len(study.trials)} "
-                 f"({', '.join(f'{v} {k}' for k, v in counts.items())})")
-        promotion = promote_study(parent, name, source, target, gate_spec, promotion_policy, registered_model)
+                 f"({', '.join(f'{v} {k}' for k, v in counts.items())}); {bytes_logged / 1e6:.1f} MB of models logged")
+        promotion = None
+        try:
+            promotion = promote_study(parent, name, source, target, gate_spec, promotion_policy, registered_model)
+        finally:  # the report stands whether or not a champion came out of it
+            promoted = promotion is not None and not promotion.kept_champion
+            _log_search_report(study, goals, promotion.run_id if promoted else None)
+        left = None if space is None else len(unmeasured(space, study.get_trials(deepcopy=False)))
         return {"study": name, "storage": storage_label, "run_id": parent.info.run_id, "trials": len(study.trials),
                 "new_trials": len(study.trials) - before, "pareto": table.to_dict("records"),
-                "promotion": promotion.describe()}
+                "promotion": promotion.describe(), "distinct_left": left, "bytes_logged": bytes_logged}
+
+
+def _sampler(space: list[dict[str, Any]] | None, seed: int, trials: int | None) -> optuna.samplers.BaseSampler:
+    """TPE kept to unmeasured configurations (when the space can be listed). A resumed study draws on from where it
+    stopped (``seed`` counts its trials) instead of replaying the first call's random start-up trials; a small budget
+    keeps TPE's random start-up short enough to leave it trials to learn from."""
+    startup = min(10, max(2, (trials or 10) // 2))
+    tpe = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+    return tpe if space is None else DistinctSampler(tpe, space, seed)
+
+
+def _log_search_report(study: optuna.Study, goals: Sequence[tuple[str, str]], champion_run_id: str | None) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        write_search_report(study, goals, Path(tmp), champion_run_id)
+        mlflow.log_artifacts(tmp, artifact_path="search")
 
 
 def _refuse_unmeasured_gates(given: Gates | None) -> None:
@@ -415,11 +531,8 @@ def _refuse_unmeasured_gates(given: Gates | None) -> None:
 
 def _optimize(study: optuna.Study, objective: Objective, trials: int | None, timeout: float | None) -> None:
     """Measure the reference, then run ``trials`` trials (or until ``timeout``) of ``objective``."""
-    try:
-        evaluate_reference(objective.evaluator, objective.target, objective.study_name)
-        study.optimize(objective, n_trials=trials, timeout=timeout, catch=(Exception,), show_progress_bar=True)
-    finally:
-        objective.evaluator.close()
+    evaluate_reference(objective.evaluator, objective.target, objective.study_name)
+    study.optimize(objective, n_trials=trials, timeout=timeout, catch=(Exception,), show_progress_bar=True)
 
 
 def _chosen_backends(target: str, chosen: Sequence[str] | None) -> tuple[str, ...]:
