@@ -38,14 +38,15 @@ def read_artifact_record(folder: Path) -> Artifact:
 
 def convert(source: SourceModel, backend: str, precision: str | None = None) -> Artifact:
     """``source`` in ``backend``'s format at ``precision`` (default: the backend's ``base_precision``), cached by source
-    hash, precision and framework version."""
+    hash and name (a converter may write the name into the file: llama.cpp's ``general.name``), precision and
+    framework version."""
     impl = get_backend(backend)
     precision = precision or impl.base_precision
     reason = impl.unsupported_reason(source)
     if reason:
         raise EdgeError(f"unsupported architecture: {reason}")
-    key = {"source": source.sha256, "backend": backend, "format": impl.format, "precision": precision.lower(),
-           "versions": impl.versions()}
+    key = {"source": source.sha256, "name": source.name, "backend": backend, "format": impl.format,
+           "precision": precision.lower(), "versions": impl.versions()}  # the name: converters write it in the file
     return _cached_artifact(f"convert-{backend}", key, lambda tmp: impl.convert(source, tmp, precision))
 
 
@@ -54,7 +55,8 @@ def quantize(source: SourceModel, base: Artifact, precision: str, options: Mappi
     """``base`` quantized to ``precision`` with ``options`` (cached by all of those and the calibration text)."""
     impl = get_backend(base.backend)
     options = dict(options or {})
-    key = {"source": source.sha256, "base": base.precision, "backend": base.backend, "format": impl.format,
+    key = {"source": source.sha256, "name": source.name, "base": base.precision, "backend": base.backend,
+           "format": impl.format,
            "precision": precision.upper(),
            "options": options, "calibration": calibration.sha256 if calibration else None,
            "versions": impl.versions()}
