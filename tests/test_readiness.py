@@ -75,7 +75,7 @@ def test_promotion_describes_the_version_with_gates_comparison_hardware_and_serv
     assert mlflow.artifacts.load_text(f"runs:/{run_id}/readiness/readiness.md") == text
     assert facts["gates"]["spec"] == str(parse_gates(None)) and facts["gates"]["passed"] is True
     observed = [(g["metric"], g["value"], g["status"]) for group in facts["gates"]["groups"] for g in group["gates"]]
-    assert observed == [("accuracy_retention", 0.97, "pass"), ("speedup", 1.5, "fail"),
+    assert observed == [("accuracy_retention", 0.97, "pass"), ("kld_mean", 0.0123, "pass"), ("speedup", 1.5, "fail"),
                         ("compression_ratio", 3.5, "pass"), ("latency_cv", 0.05, "pass")]
     assert facts["comparison"]["reference"] == {"run_id": reference_id}
     assert facts["comparison"]["previous_champion"] is None
@@ -131,7 +131,7 @@ def test_a_report_that_cannot_be_logged_keeps_the_promotion_and_warns_once(track
 
     client = MlflowClient()
     assert str(client.get_model_version_by_alias(NAME, "cpu-champion").version) == promotion.version == "1"
-    assert "## Gates: PASS 3/3" in client.get_model_version(NAME, "1").description
+    assert "## Gates: PASS 4/4" in client.get_model_version(NAME, "1").description
     warned = [line for line in capsys.readouterr().err.splitlines() if "readiness report" in line]
     assert len(warned) == 1 and "disk full" in warned[0] and run_id in warned[0]
 

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from mlflow_edge.cli import main
-from mlflow_edge.metrics import METRICS
+from mlflow_edge.metrics import ARTIFACT_METRICS as METRICS
 from mlflow_edge.targets import HW_KEYS
 
 FAST_EVAL = ["--window", "64", "--windows", "2", "--repeats", "2", "--threads", "2"]

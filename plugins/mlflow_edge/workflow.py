@@ -108,10 +108,23 @@ def run_evaluate(model: str, artifact_uri: str, target: str = "cpu", gates: str 
         evaluator = Evaluator(source, settings)
         try:
             evaluate_reference(evaluator, target, run.info.run_id)
-            result = evaluate_candidate(evaluator, artifact, gate_spec, target, run.info.run_id)
+            result = evaluate_candidate(evaluator, artifact, gate_spec, target, run.info.run_id,
+                                        base=_unquantized_base(source, artifact, settings))
         finally:
             evaluator.close()
         return result["metrics"]
+
+
+def _unquantized_base(source: SourceModel, artifact: Artifact, settings: EvalSettings) -> Artifact | None:
+    """The artifact's backend's unquantized conversion of ``source`` (cached), for ``speedup_vs_base``; ``None``
+    when speed is not measured or the backend cannot convert it (said in one line)."""
+    if not settings.speed:
+        return None
+    try:
+        return convert(source, artifact.backend)
+    except EdgeError as exc:
+        progress(f"speedup_vs_base not measured: {exc}")
+        return None
 
 
 def _artifact_from_uri(uri: str, source: SourceModel) -> Artifact:
@@ -169,7 +182,7 @@ def _sweep_rows(evaluator: Evaluator, source: SourceModel, base: Artifact, types
         try:
             with tracked_run(qtype, nested=True, tags=run_tags(target, study, "candidate", [base.backend])):
                 artifact = quantize(source, base, qtype, options, calibration)
-                result = evaluate_candidate(evaluator, artifact, gate_spec, target, study)
+                result = evaluate_candidate(evaluator, artifact, gate_spec, target, study, base=base)
         except EdgeError as exc:
             progress(f"{qtype} failed: {exc}")
             continue

@@ -210,11 +210,13 @@ def write_search_report(study: optuna.Study, objectives: Sequence[tuple[str, str
     return sorted(out_dir.iterdir())
 
 
-def rebuild_command(model_spec: str, artifact: Any) -> str:
-    """``mlflow-edge quantize …`` with the model, backend, precision and options that rebuild ``artifact``."""
-    options = {k: v for k, v in artifact.options.items() if not k.startswith("calib.") and v is not None}
-    words = ["mlflow-edge", "quantize", "--model", model_spec, "--backend", artifact.backend,
-             "--precision", artifact.precision]
+def rebuild_command(model_spec: str, backend: str, precision: str, options: dict[str, Any],
+                    calibration_path: str | None = None) -> str:
+    """The ``mlflow-edge quantize …`` command that rebuilds a trial's artifact from its sampled settings."""
+    options = {k: v for k, v in options.items() if v is not None}
+    words = ["mlflow-edge", "quantize", "--model", model_spec, "--backend", backend, "--precision", precision]
+    if calibration_path:
+        words += ["--calibration-text", calibration_path]
     if options:
         words += ["--options", ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
                                          for k, v in sorted(options.items()))]
@@ -222,8 +224,10 @@ def rebuild_command(model_spec: str, artifact: Any) -> str:
 
 
 def feasible(trial: FrozenTrial) -> bool:
-    """A complete trial that passed every gate (all its constraints ``<= 0``)."""
-    return trial.state == TrialState.COMPLETE and all(v <= 0 for v in trial.user_attrs.get("constraints", {}).values())
+    """A complete, measured trial that passed every gate (all its constraints ``<= 0``)."""
+    attrs = trial.user_attrs
+    return (trial.state == TrialState.COMPLETE and "run_id" in attrs and "metrics" in attrs
+            and all(v <= 0 for v in attrs.get("constraints", {}).values()))
 
 
 def trials_worth_storing(study: optuna.Study, policy: registry.Policy) -> list[FrozenTrial]:
@@ -300,6 +304,7 @@ class Objective:
     screen_windows: int = 0
     prune_margin: float = 0.02
     model_spec: str = ""
+    calibration_path: str | None = None
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         trial.set_user_attr("owner", procs.owner_tag())  # a search on this host can tell when this process is gone
@@ -317,7 +322,8 @@ class Objective:
                 trial.set_user_attr("run_id", run.info.run_id)
                 base = convert(self.source, backend)
                 artifact = quantize(self.source, base, precision, options, self.calibration)
-                mlflow.set_tag(REBUILD_TAG, rebuild_command(self.model_spec or self.source.name, artifact))
+                mlflow.set_tag(REBUILD_TAG, rebuild_command(self.model_spec or str(self.source.path), backend,
+                                                            precision, options, self.calibration_path))
                 self._screen(trial, artifact)
                 metrics = evaluate_candidate(self.evaluator, artifact, self.gates, self.target, self.study_name,
                                              base=base, log_model=False)["metrics"]
@@ -480,7 +486,8 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
                  f"over {', '.join(backends)}")
 
         objective = Objective(source, backends, target, name, goals, gate_spec, Evaluator(source, settings),
-                              calibration, screen_windows, prune_margin, model_spec=model)
+                              calibration, screen_windows, prune_margin, model_spec=model,
+                              calibration_path=calibration_path)
         try:
             if remaining != 0:  # a study with nothing left to run measures nothing again
                 _optimize(study, objective, remaining, timeout)
