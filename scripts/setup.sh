@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Set up everything mlflow-edge needs in ./.venv: PyTorch, the package with its [llamacpp,openvino,onnxruntime,mlx,test] extras,
+# Set up everything mlflow-edge needs in ./.venv: PyTorch, the package with its [llamacpp,openvino,onnxruntime,mlx,azure,scaleout,test] extras,
 # and llama-cpp-python built from source once per CPU (the wheel is cached under ~/.cache/mlflow-edge/wheels).
 # Re-running is cheap: nothing is reinstalled while setup.cfg and this script are unchanged.
-# Usage: scripts/setup.sh [extras]   (default extras: llamacpp,openvino,onnxruntime,mlx,test)
+# Usage: scripts/setup.sh [extras]   (default extras: llamacpp,openvino,onnxruntime,mlx,azure,scaleout,test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-EXTRAS="${1:-llamacpp,openvino,onnxruntime,mlx,test}"
+EXTRAS="${1:-llamacpp,openvino,onnxruntime,mlx,azure,scaleout,test}"
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 CACHE="${MLFLOW_EDGE_CACHE:-$HOME/.cache/mlflow-edge}"
@@ -52,6 +52,10 @@ if [[ ",$EXTRAS," == *",llamacpp,"* || ",$EXTRAS," == *",all,"* ]]; then
     say "reusing the cached llama-cpp-python wheel in $wheels"
   fi
   find_links=(--find-links "$wheels")
+fi
+
+if [[ ",$EXTRAS," == *",scaleout,"* || ",$EXTRAS," == *",all,"* ]]; then
+  scripts/install-postgres.sh   # the scale-out tests run a real PostgreSQL
 fi
 
 say "installing mlflow-edge[$EXTRAS]"

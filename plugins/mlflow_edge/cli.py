@@ -256,6 +256,9 @@ def _search_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--seed", default=0, show_default=True),
         click.option("--storage", default=None, help="Optuna storage URL (default: optuna.db beside the MLflow store)"),
         click.option("--study-name", default=None, help="Optuna study name (default: <source>-<target>)"),
+        click.option("--worker", is_flag=True, default=False,
+                     help="join the study a coordinator (this command without --worker, same --storage) started and "
+                          "run its trials; settings, gates and budget are the coordinator's"),
         click.option("--registered-model", default=None, help="registered model name (default: <source>-edge)"),
         click.option("--calibration-text", default=None, help="calibration text file (default: built-in slice)"),
         click.option("--accuracy-only", type=click.BOOL, default=False, show_default=True,
@@ -273,11 +276,14 @@ def _search_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _search(run_name: str, model: str, target: str, backends: str | None, trials: int, timeout: float | None,
             objectives: str, gates: str | None, fidelity: str | None, gate_confidence: float | None, policy: str,
-            seed: int, storage: str | None, study_name: str | None,
+            seed: int, storage: str | None, study_name: str | None, worker: bool,
             registered_model: str | None, calibration_text: str | None, accuracy_only: bool,
             screen_windows: int | None, prune_margin: float, eval_text: str | None, window: int, windows: int,
             threads: int | None, repeats: int, experiment: str | None) -> None:
     from mlflow_edge.search import run_search
+
+    if worker:
+        return _work(model, target, storage, study_name, timeout)
 
     result = run_search(model, target, trials, timeout, objectives, gates, policy, seed, storage, study_name,
                         registered_model or None, _settings(eval_text, window, windows, threads, repeats),
@@ -288,6 +294,18 @@ def _search(run_name: str, model: str, target: str, backends: str | None, trials
     click.echo(f"study {result['study']}: {result['trials']} trials ({result['new_trials']} new), "
                f"{len(result['pareto'])} on the Pareto front")
     click.echo(result["promotion"])
+
+
+def _work(model: str, target: str, storage: str | None, study_name: str | None, timeout: float | None) -> None:
+    """``search --worker``: join a coordinator's study on a shared storage."""
+    from mlflow_edge.search.study import run_worker
+    from mlflow_edge.sources import resolve_source
+
+    if not storage:
+        raise EdgeError("--worker needs the coordinator's --storage (e.g. postgresql://user@host/optuna)")
+    name = study_name or f"{resolve_source(model).name}-{target}"
+    result = run_worker(storage, name, target, timeout)
+    click.echo(f"worker of study {result['study']}: ran trial(s) {', '.join(map(str, result['trials'])) or 'none'}")
 
 
 @main.command("main")

@@ -82,6 +82,25 @@ class EvalSettings:
         }
 
 
+def settings_record(settings: EvalSettings) -> dict[str, Any]:
+    """``settings`` as JSON-able fields for :func:`settings_from_record` (the evaluation text by file and hash)."""
+    record = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name != "text"}
+    builtin = settings.text == evaluation_text()
+    record["text"] = {"path": None if builtin else str(settings.text.path), "sha256": settings.text.sha256}
+    return record
+
+
+def settings_from_record(record: Mapping[str, Any]) -> EvalSettings:
+    """The :class:`EvalSettings` a :func:`settings_record` describes, on this machine; :class:`EdgeError` when the
+    evaluation text here is not the very text recorded."""
+    fields = {k: v for k, v in record.items() if k != "text"}
+    text = evaluation_text(record["text"]["path"])
+    if text.sha256 != record["text"]["sha256"]:
+        raise EdgeError(f"the evaluation text {text.label} here differs from the study's (sha256 "
+                        f"{record['text']['sha256'][:12]}…): workers must score the same text")
+    return EvalSettings(text=text, **fields)
+
+
 class Evaluator:
     """Measures the reference once, then any number of artifacts, against one source and one text."""
 

@@ -151,13 +151,23 @@ class DistinctSampler(optuna.samplers.BaseSampler):
 
 def counts_as_measured(trial: FrozenTrial) -> bool:
     """Whether ``trial``'s configuration is taken: measured (complete or pruned), failing for a reason of its own
-    (an ``error``), or being measured now. Trials a stopped process left behind are not: they run again."""
+    (an ``error``), being measured now or queued. Trials a stopped process left behind are not (their retry is)."""
     if trial.state == TrialState.FAIL:
         return "error" in trial.user_attrs
-    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
 
 def unmeasured(space: Sequence[dict[str, Any]], trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
     """The points of ``space`` no trial in ``trials`` has taken (:func:`counts_as_measured`)."""
     taken = [t.params for t in trials if counts_as_measured(t)]
     return [point for point in space if point not in taken]
+
+
+def space_digest(space: Sequence[dict[str, Any]] | None, backends: Sequence[str]) -> str:
+    """A short fingerprint of the search space (its points, or the backends and their framework versions when the
+    space cannot be listed): workers of one study must agree on it."""
+    import hashlib
+    import json
+
+    basis = space if space is not None else {b: get_backend(b).versions() for b in backends}
+    return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -29,6 +29,7 @@ import math
 import os
 import shlex
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,13 +39,13 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from mlflow_edge import procs, registry
+from mlflow_edge import __version__, procs, registry
 from mlflow_edge.artifacts import convert, quantize
 from mlflow_edge.backends import get_backend
 from mlflow_edge.errors import EdgeError, first_line
 from mlflow_edge.evaluation.data import TextSlice, calibration_text, check_disjoint
-from mlflow_edge.evaluation.harness import EvalSettings, Evaluator
-from mlflow_edge.gates import Gates, resolve_gates
+from mlflow_edge.evaluation.harness import EvalSettings, Evaluator, settings_from_record, settings_record
+from mlflow_edge.gates import Gates, parse_gates, resolve_gates
 from mlflow_edge.metrics import ACCURACY_SIZE_METRICS, METRICS
 from mlflow_edge.runs import (
     end_stale_run,
@@ -62,7 +63,9 @@ from mlflow_edge.search.space import (
     DistinctSampler,
     backends_for,
     backends_for_model,
+    counts_as_measured,
     enumerate_space,
+    space_digest,
     suggest,
     unmeasured,
 )
@@ -77,6 +80,12 @@ ACCURACY_SIZE_OBJECTIVE: tuple[tuple[str, str], ...] = (("size_mb", "minimize"),
 """``objectives="multi"`` in the accuracy/size-only mode (no speed measured)."""
 
 DONE_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+COORDINATION_ATTR = "mlflow_edge"
+"""Study user attribute: what workers need to join (version, space digest, parent run, settings, gates, budget)."""
+REFERENCE_ATTR = "mlflow_edge.reference"
+"""Study user attribute: the reference's metrics as the coordinator measured them."""
+MAX_RETRIES = 2
+"""How often a configuration whose worker died is queued again."""
 REBUILD_TAG = registry.REBUILD_TAG
 HEARTBEAT_ENV = "MLFLOW_EDGE_TRIAL_HEARTBEAT"
 DEFAULT_HEARTBEAT_S = 60
@@ -124,7 +133,7 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
     for trial in running:
         if procs.owner_gone(trial.user_attrs.get("owner")):
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-            fail_trial_run(study, trial)
+            on_stale_trial(study, trial)
     with warnings.catch_warnings():  # Optuna calls heartbeats experimental; they are what RDB storages offer
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # the heartbeat's way; its callback ends the MLflow runs
@@ -133,10 +142,32 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
 
 
 def fail_trial_run(study: optuna.Study, trial: FrozenTrial) -> None:
-    """End the MLflow run of a stale ``trial`` FAILED (the storage's stale-trial callback)."""
+    """End the MLflow run of a stale ``trial`` FAILED."""
     run_id = trial.user_attrs.get("run_id")
     if run_id:
         end_stale_run(run_id)
+
+
+def on_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """A trial whose process stopped (the storage's stale-trial callback): end its MLflow run FAILED and queue its
+    configuration again (at most :data:`MAX_RETRIES` times), so that no trial of the budget is lost when a worker
+    dies."""
+    fail_trial_run(study, trial)
+    queue_again(study, trial)
+
+
+def queue_again(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue a WAITING copy of a stale ``trial``'s configuration, as Optuna's ``RetryFailedTrialCallback`` does (same
+    ``failed_trial``/``retry_history`` system attributes), without the dead process's owner and run: the copy must not
+    look stale itself between its start and its first attribute."""
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    if len(history) > MAX_RETRIES:
+        progress(f"trial {trial.number} stopped with its worker {len(history)} times: not queued again")
+        return
+    keep = {k: v for k, v in trial.user_attrs.items() if k not in ("owner", "run_id")}
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions, user_attrs=keep,
+        system_attrs={"failed_trial": history[0], "retry_history": history}))
 
 
 def heartbeat_interval() -> int:
@@ -305,6 +336,8 @@ class Objective:
     prune_margin: float = 0.02
     model_spec: str = ""
     calibration_path: str | None = None
+    parent_run_id: str | None = None
+    """A worker's trials name the coordinator's parent run (they run in another process)."""
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         trial.set_user_attr("owner", procs.owner_tag())  # a search on this host can tell when this process is gone
@@ -315,7 +348,8 @@ class Objective:
         if twin is not None:
             return self._reuse(trial, twin)
         tags = {**run_tags(self.target, self.study_name, "candidate", [backend]),
-                "mlflow_edge.trial": str(trial.number), "optuna.study": self.study_name}
+                "mlflow_edge.trial": str(trial.number), "optuna.study": self.study_name,
+                **({"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {})}
         try:
             with tracked_run(f"trial-{trial.number}-{precision}", nested=True, tags=tags,
                              stopped_early=(optuna.TrialPruned,)) as run:
@@ -472,16 +506,17 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
         before = len(study.trials)
         space = enumerate_space(backends)
         study.sampler = _sampler(space, seed + before, trials)
-        done = sum(t.state in DONE_STATES and t.number not in stale for t in study.get_trials(deepcopy=False))
-        remaining = max(trials - done, 0) if trials and trials >= 1 else None
         if before == 0:  # a new study: the backends' usual defaults first, as far as the budget goes
-            for point in starting_points(backends)[:remaining]:
+            for point in starting_points(backends)[:trials]:
                 study.enqueue_trial(point, skip_if_exists=True)
-        left = None if space is None else len(unmeasured(space, study.get_trials(deepcopy=False)))
-        if left is not None and (remaining is None or remaining > left):
-            progress(f"only {left} of the {len(space)} configurations are not measured yet: the search stops after "
-                     "them")
-            remaining = left
+        study.set_user_attr(COORDINATION_ATTR, {
+            "version": __version__, "space": space_digest(space, backends), "parent_run_id": parent.info.run_id,
+            "experiment_id": parent.info.experiment_id, "model": model, "target": target, "backends": list(backends),
+            "gates": str(gate_spec), "objectives": objectives, "settings": settings_record(settings),
+            "calibration": calibration_path, "screen_windows": screen_windows, "prune_margin": prune_margin,
+            "budget": trials})
+        done = measured_count(study)
+        remaining = _runnable(study, space, max(trials - done, 0) if trials and trials >= 1 else None)
         progress(f"study {name}: {done} trial(s) done, {remaining if remaining is not None else 'unbounded'} to run "
                  f"over {', '.join(backends)}")
 
@@ -490,7 +525,10 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
                               calibration_path=calibration_path)
         try:
             if remaining != 0:  # a study with nothing left to run measures nothing again
-                _optimize(study, objective, remaining, timeout)
+                evaluate_reference(objective.evaluator, target, name)
+                study.set_user_attr(REFERENCE_ATTR, objective.evaluator.reference_metrics)
+                _optimize(study, objective, trials, timeout, space)
+            finish_study(study, objective, trials, timeout, space)
             bytes_logged = store_front_models(study, objective, promotion_policy)
         finally:
             objective.evaluator.close()
@@ -510,6 +548,94 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
         return {"study": name, "storage": storage_label, "run_id": parent.info.run_id, "trials": len(study.trials),
                 "new_trials": len(study.trials) - before, "pareto": table.to_dict("records"),
                 "promotion": promotion.describe(), "distinct_left": left, "bytes_logged": bytes_logged}
+
+
+def run_worker(storage: str, study_name: str, target: str | None = None, timeout: float | None = None,
+               wait_s: float = 600.0) -> dict[str, Any]:
+    """Join the study ``study_name`` that a coordinator (``mlflow-edge search`` on the same storage) started, and run
+    its trials until the study's budget is measured: the coordinator's settings, gates, space and budget, trials
+    nested under its parent run. No reference run, no promotion: the coordinator does those once per study.
+
+    Refused, in one line: a storage that does not answer, a study that no coordinator starts within ``wait_s``, a
+    study of another target than ``target``, another mlflow-edge version or search space, another evaluation text.
+    """
+    label = redacted(storage)
+    study = _wait_for_study(open_storage(storage), study_name, label, wait_s)
+    record = study.user_attrs[COORDINATION_ATTR]
+    _check_joinable(record, study_name, target)
+    mlflow.set_experiment(experiment_id=record["experiment_id"])
+    settings = settings_from_record(record["settings"])
+    source = resolve_source(record["model"])
+    calibration = calibration_text(record["calibration"])
+    space = enumerate_space(record["backends"])
+    study.sampler = _sampler(space, os.getpid() + len(study.trials), record["budget"])
+    goals = parse_objectives(record["objectives"], accuracy_only=not settings.speed)
+    objective = Objective(source, record["backends"], record["target"], study_name, goals,
+                          parse_gates(record["gates"]), Evaluator(source, settings), calibration,
+                          record["screen_windows"], record["prune_margin"], model_spec=record["model"],
+                          calibration_path=record["calibration"], parent_run_id=record["parent_run_id"])
+    before = {t.number for t in study.get_trials(deepcopy=False)}
+    try:
+        _adopt_reference(study, objective.evaluator, wait_s)
+        progress(f"worker of study {study_name} ({label}): {measured_count(study)} of {record['budget']} trial(s) "
+                 "measured so far")
+        _optimize(study, objective, record["budget"], timeout, space)
+    finally:
+        objective.evaluator.close()
+    mine = [t.number for t in study.get_trials(deepcopy=False)
+            if t.number not in before and t.user_attrs.get("owner") == procs.owner_tag()]
+    return {"study": study_name, "storage": label, "trials": mine}
+
+
+def _wait_for_study(storage: optuna.storages.BaseStorage, name: str, label: str, wait_s: float) -> optuna.Study:
+    """The study ``name`` once a coordinator recorded how to join it, waiting at most ``wait_s`` (saying so)."""
+    deadline, said = time.monotonic() + wait_s, 0.0
+    while True:
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+            if COORDINATION_ATTR in study.user_attrs:
+                return study
+        except KeyError:  # no such study yet
+            pass
+        if time.monotonic() > deadline:
+            raise EdgeError(f"no coordinator started study '{name}' in {label} within {wait_s:.0f} s "
+                            "(start `mlflow-edge search` with the same --storage and --study-name)")
+        if time.monotonic() - said > 30:
+            progress(f"waiting for a coordinator to start study '{name}' in {label}")
+            said = time.monotonic()
+        time.sleep(2.0)
+
+
+def _check_joinable(record: dict[str, Any], name: str, target: str | None) -> None:
+    """Refuse a study this worker would measure differently: another target, mlflow-edge version or search space."""
+    if target is not None and target != record["target"]:
+        raise EdgeError(f"study '{name}' searches target '{record['target']}'; this worker was started for "
+                        f"'{target}' (use that target's study)")
+    if record["version"] != __version__:
+        raise EdgeError(f"study '{name}' was started by mlflow-edge {record['version']}; this worker runs "
+                        f"{__version__}: install the same version to join")
+    missing = [b for b in record["backends"] if b not in backends_for(record["target"])]
+    if missing:
+        raise EdgeError(f"study '{name}' searches {', '.join(record['backends'])}; {', '.join(missing)} is not "
+                        "installed here")
+    digest = space_digest(enumerate_space(record["backends"]), record["backends"])
+    if digest != record["space"]:
+        raise EdgeError(f"study '{name}' has search space {record['space']}; this worker's is {digest} (another "
+                        "version of a backend or its framework): install the same versions to join")
+
+
+def _adopt_reference(study: optuna.Study, evaluator: Evaluator, wait_s: float) -> None:
+    """The coordinator's reference metrics when its cached log-probabilities are on this machine (same host or a
+    shared cache), else the reference measured here (no run: the coordinator's reference run is the study's)."""
+    deadline = time.monotonic() + wait_s
+    while REFERENCE_ATTR not in study.user_attrs and time.monotonic() < deadline:  # read from the storage each time
+        time.sleep(2.0)
+    recorded = study.user_attrs.get(REFERENCE_ATTR)
+    if recorded and (evaluator.reference_dir / "logprobs.npy").is_file():
+        evaluator.reference_metrics = dict(recorded)
+    else:
+        progress("measuring the reference on this machine (its log-probabilities are not cached here)")
+        evaluator.evaluate_reference()
 
 
 def _sampler(space: list[dict[str, Any]] | None, seed: int, trials: int | None) -> optuna.samplers.BaseSampler:
@@ -536,10 +662,77 @@ def _refuse_unmeasured_gates(given: Gates | None) -> None:
                             "metrics such as accuracy_retention, kld_mean, size_mb or compression_ratio")
 
 
-def _optimize(study: optuna.Study, objective: Objective, trials: int | None, timeout: float | None) -> None:
-    """Measure the reference, then run ``trials`` trials (or until ``timeout``) of ``objective``."""
-    evaluate_reference(objective.evaluator, objective.target, objective.study_name)
-    study.optimize(objective, n_trials=trials, timeout=timeout, catch=(Exception,), show_progress_bar=True)
+def _optimize(study: optuna.Study, objective: Objective, budget: int | None, timeout: float | None,
+              space: list[dict[str, Any]] | None) -> None:
+    """Run trials of ``objective`` until the study holds ``budget`` measured trials (counting those every worker
+    runs), the space is exhausted, or ``timeout``."""
+    if budget is not None and measured_count(study, running=True) >= budget:
+        return
+    study.optimize(objective, n_trials=None, timeout=timeout, catch=(Exception,),
+                   callbacks=[StopWhenDone(budget, space)])
+
+
+def finish_study(study: optuna.Study, objective: Objective, budget: int | None, timeout: float | None,
+                 space: list[dict[str, Any]] | None) -> None:
+    """Wait for the other workers' trials, then run what their deaths queued again, until nothing of the budget is
+    running or queued: what the coordinator does before the study's models are stored and its champion promoted."""
+    while True:
+        wait_for_workers(study)
+        queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if not queued or (budget is not None and measured_count(study) >= budget):
+            return
+        progress(f"running {len(queued)} trial(s) queued again after their worker stopped")
+        _optimize(study, objective, budget, timeout, space)
+
+
+@dataclasses.dataclass
+class StopWhenDone:
+    """Optuna callback: stop this process's loop once the study's measured trials reach ``budget`` (trials running
+    in other workers count) or no configuration of ``space`` is left."""
+
+    budget: int | None
+    space: list[dict[str, Any]] | None
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if self.budget is not None and measured_count(study, running=True) >= self.budget:
+            study.stop()
+        elif _runnable(study, self.space, None, quiet=True) == 0:
+            study.stop()
+
+
+def measured_count(study: optuna.Study, running: bool = False) -> int:
+    """Trials of the study that count against its budget: measured or failed for a reason of their own (a trial a
+    stopped process left behind is not), and with ``running``, those being measured now."""
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) + ((TrialState.RUNNING,) if running else ())
+    return sum(counts_as_measured(t) for t in study.get_trials(deepcopy=False, states=states))
+
+
+def _runnable(study: optuna.Study, space: list[dict[str, Any]] | None, wanted: int | None,
+              quiet: bool = False) -> int | None:
+    """``wanted`` trials (``None``: unbounded), at most what is left to run: the unmeasured configurations of
+    ``space`` and the queued trials; says so when that is the limit."""
+    if space is None:
+        return wanted
+    trials = study.get_trials(deepcopy=False)
+    left = len(unmeasured(space, trials)) + sum(t.state == TrialState.WAITING for t in trials)
+    if wanted is not None and wanted <= left:
+        return wanted
+    if not quiet:
+        progress(f"only {left} of the {len(space)} configurations are not measured yet: the search stops after them")
+    return left
+
+
+def wait_for_workers(study: optuna.Study, poll_s: float = 2.0) -> None:
+    """Wait until no trial of the study is running in another worker (a dead worker's trials turn stale after the
+    heartbeat's grace period and are failed, and queued again, here)."""
+    last_said = 0.0
+    while running := study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if time.monotonic() - last_said > 30:
+            progress(f"waiting for {len(running)} trial(s) of other workers: "
+                     + ", ".join(f"#{t.number} ({t.user_attrs.get('owner', '?')})" for t in running))
+            last_said = time.monotonic()
+        time.sleep(poll_s)
+        fail_stale_trials(study)
 
 
 def _chosen_backends(target: str, chosen: Sequence[str] | None) -> tuple[str, ...]:
@@ -580,7 +773,7 @@ def open_storage(storage_url: str) -> optuna.storages.BaseStorage:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(storage_url, engine_kwargs=_connect_kwargs(url),
                                               heartbeat_interval=beat, grace_period=4 * beat,
-                                              heartbeat_stale_trial_callback=fail_trial_run)
+                                              heartbeat_stale_trial_callback=on_stale_trial)
     except Exception as exc:  # driver import, connection and schema errors come in many classes
         cause = f" ({first_line(exc.__cause__)})" if isinstance(exc, ImportError) and exc.__cause__ else ""
         reason = first_line(exc) + cause
