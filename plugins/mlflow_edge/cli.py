@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import click
 
+from mlflow_edge.azureml.cli import azureml
 from mlflow_edge.backends import backend_names
 from mlflow_edge.errors import EdgeError
 
@@ -84,7 +85,7 @@ def _eval_options(func: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed([
         click.option("--eval-text", default=None, help="evaluation text file (default: built-in WikiText-2 slice)"),
         click.option("--window", default=256, show_default=True, help="tokens per scored window"),
-        click.option("--windows", default=8, show_default=True, help="number of windows"),
+        click.option("--windows", default=16, show_default=True, help="number of windows"),
         click.option("--threads", default=None, type=int, help="runtime threads (default: all cores)"),
         click.option("--repeats", default=5, show_default=True, help="repeats of each timed request"),
     ]):
@@ -448,6 +449,8 @@ def monitor(url: str, interval: float, windows: int, max_error_rate: float, expe
     run_id = run_monitor(url, interval, windows, max_error_rate, experiment)
     click.echo(f"monitor run {run_id}")
 
+
+main.add_command(azureml)
 
 if __name__ == "__main__":
     main()

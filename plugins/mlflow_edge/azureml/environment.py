@@ -28,11 +28,16 @@ INSTALL_SOURCE = "pip install --no-deps ."
 script and its entry points (the backends) exist in the job."""
 
 
-def extras_for(targets: Iterable[str], backends: Iterable[str] = ()) -> tuple[str, ...]:
-    """The distribution's extras named after ``backends`` and the backends each target recommends, in that order."""
-    offered = set(importlib.metadata.metadata(DISTRIBUTION).get_all("Provides-Extra") or ())
+def extras_for(targets: Iterable[str], backends: Iterable[str] = (), requested: Iterable[str] = ()) -> tuple[str, ...]:
+    """The distribution's ``requested`` extras (each must exist), then those named after ``backends`` and the backends
+    each target recommends (when it offers them), in that order."""
+    offered = importlib.metadata.metadata(DISTRIBUTION).get_all("Provides-Extra") or []
+    requested = [name.strip() for name in requested if name.strip()]
+    unknown = [name for name in requested if name not in offered]
+    if unknown:
+        raise EdgeError(f"{DISTRIBUTION} has no extra {', '.join(unknown)} (it offers {', '.join(offered)})")
     wanted = [*backends, *(name for target in targets for name in recommended_backends(target))]
-    return tuple(dict.fromkeys(name for name in wanted if name in offered))
+    return tuple(dict.fromkeys([*requested, *(name for name in wanted if name in offered)]))
 
 
 def requirements(extras: Sequence[str]) -> list[str]:

@@ -8,16 +8,19 @@ search (``--storage``: an Optuna database every step reaches, e.g. PostgreSQL, t
 ``promote`` step consumes every search's output, so promotion sees all of them. Every step installs the uploaded
 source checkout into an environment built from the distribution's own requirements (:mod:`.environment`).
 
-Tracking: inside Azure ML jobs MLflow logs to the workspace through the ``MLFLOW_TRACKING_URI`` (and
-``MLFLOW_RUN_ID``) Azure ML sets; each step's run is its job's run, in the pipeline's experiment, which is the one
-``promote`` searches. ``azureml-mlflow``, the plugin that lets MLflow resolve that ``azureml://`` URI, is not
-installed: it pins ``mlflow-skinny<=3.15.0``, which conflicts with mlflow 3.17. A local user points MLflow at the URI
-the workspace reports (``MLClient.workspaces.get(name).mlflow_tracking_uri``).
+Tracking: Azure ML sets ``MLFLOW_TRACKING_URI`` (the workspace's ``azureml://`` URI) and ``MLFLOW_RUN_ID`` in every
+job, so each step's run is its job's run, in the pipeline's experiment, the one ``promote`` searches. MLflow resolves
+``azureml://`` only through ``azureml-mlflow``'s tracking-store plugin, which is not installed: it pins
+``mlflow-skinny<=3.15.0``, which conflicts with mlflow 3.17. So ``tracking_uri`` (``--tracking-uri``) points every
+step at an MLflow tracking server the compute reaches instead (the scale-out ``mlflow server`` of README "Scale
+out"): each command then runs with that ``MLFLOW_TRACKING_URI``/``MLFLOW_REGISTRY_URI`` and without Azure's
+``MLFLOW_RUN_ID``. A local user reads the workspace's URI with ``MLClient.workspaces.get(name).mlflow_tracking_uri``.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,12 +36,13 @@ from mlflow_edge.azureml.environment import (
 )
 from mlflow_edge.azureml.workspace import submit, workspace_client
 from mlflow_edge.errors import EdgeError
+from mlflow_edge.sources import DEMO_NAME, DEMO_SPEC
 from mlflow_edge.targets import get_target
 
 __all__ = ["DEFAULT_IMAGE", "build_pipeline", "step_name", "submit", "workspace_client", "write_pipeline_yaml"]
 
-DEMO_REGISTERED_MODEL = "SmolLM2-135M-Instruct-edge"
-"""The registered model of ``--model demo`` when none is given (what ``search`` would name it)."""
+DEMO_REGISTERED_MODEL = f"{DEMO_NAME}-edge"
+"""The registered model of ``--model demo`` when none is given (what ``search`` names it)."""
 
 CONVERT_COMMAND = ("mlflow-edge convert --model ${{inputs.model}} --target ${{inputs.target}} "
                    "> ${{outputs.converted}}/model_uri.txt && cat ${{outputs.converted}}/model_uri.txt")
@@ -59,8 +63,11 @@ def step_name(step: str, target: str | None = None) -> str:
 def build_pipeline(*, model: str = "demo", targets: Sequence[str] = ("cpu",), trials: int = 8,
                    registered_model: str | None = None, storage: str | None = None,
                    compute: str = "cpu-cluster", experiment: str = "mlflow-edge",
-                   image: str = DEFAULT_IMAGE, code: str | os.PathLike | None = None) -> PipelineJob:
-    """The pipeline job for ``model`` on ``targets`` (validated first; nothing contacts Azure)."""
+                   image: str = DEFAULT_IMAGE, extras: Sequence[str] = (),
+                   code: str | os.PathLike | None = None, tracking_uri: str | None = None) -> PipelineJob:
+    """The pipeline job for ``model`` on ``targets`` (validated first; nothing contacts Azure). ``extras``: more
+    extras of the distribution for the steps' environment (the driver of a ``storage`` database, …);
+    ``tracking_uri``: the MLflow tracking server the steps log to (see the module's docstring)."""
     targets = tuple(dict.fromkeys(get_target(t.strip()).name for t in targets if t.strip()))
     if not targets:
         raise EdgeError("no target given (e.g. --targets cpu,arm-cpu)")
@@ -70,9 +77,9 @@ def build_pipeline(*, model: str = "demo", targets: Sequence[str] = ("cpu",), tr
         if not value.strip():
             raise EdgeError(f"{option} is empty")
     registered_model = registered_model or _default_registered_model(model)
-    environment = job_environment(extras_for(targets), image)
+    environment = job_environment(extras_for(targets, requested=extras), image)
     code = str(code or source_checkout())
-    components = _components(environment, code, targets)
+    components = _components(environment, code, targets, _tracking_prefix(tracking_uri))
 
     @dsl.pipeline(display_name=f"mlflow-edge {model} on {','.join(targets)}", experiment_name=experiment,
                   default_compute=compute)
@@ -95,15 +102,28 @@ def build_pipeline(*, model: str = "demo", targets: Sequence[str] = ("cpu",), tr
 
 
 def _default_registered_model(model: str) -> str:
-    if model == "demo":
+    if model == DEMO_SPEC:
         return DEMO_REGISTERED_MODEL
     raise EdgeError("--registered-model is required for a model other than demo (search and promote share it)")
 
 
-def _components(environment: Any, code: str, targets: Sequence[str]) -> dict[str, Any]:
-    """The three command components; ``promote`` takes one search summary per target, its dependency on each."""
+def _tracking_prefix(tracking_uri: str | None) -> str:
+    """``env …`` that runs an ``mlflow-edge`` command against ``tracking_uri`` (nothing without one)."""
+    if not tracking_uri:
+        return ""
+    if not tracking_uri.startswith(("http://", "https://", "postgresql", "mysql")):
+        raise EdgeError(f"--tracking-uri must be a tracking server or database every compute node reaches, got "
+                        f"'{tracking_uri}'")
+    quoted = shlex.quote(tracking_uri)
+    return f"env -u MLFLOW_RUN_ID MLFLOW_TRACKING_URI={quoted} MLFLOW_REGISTRY_URI={quoted} "
+
+
+def _components(environment: Any, code: str, targets: Sequence[str], tracking: str = "") -> dict[str, Any]:
+    """The three command components; ``promote`` takes one search summary per target, its dependency on each;
+    ``tracking`` prefixes every ``mlflow-edge`` command (:func:`_tracking_prefix`)."""
     def component(name: str, run: str, inputs: dict[str, Input], outputs: dict[str, Output] | None = None) -> Any:
-        return command(display_name=name, command=f"{INSTALL_SOURCE} && {run}", inputs=inputs, outputs=outputs,
+        tracked = run.replace("mlflow-edge ", f"{tracking}mlflow-edge ")
+        return command(display_name=name, command=f"{INSTALL_SOURCE} && {tracked}", inputs=inputs, outputs=outputs,
                        environment=environment, code=code)
 
     text = Input(type="string")

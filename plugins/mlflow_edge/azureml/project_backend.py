@@ -3,7 +3,8 @@
 
 The backend config (a dict, or a ``.json`` file): ``compute`` (required), ``workspace_config`` (a workspace
 ``config.json``; default: one found here, else the environment variables of :func:`.workspace.workspace_client`),
-``image`` (base image) and ``experiment_name`` (default: the MLflow experiment's name).
+``image`` (base image), ``experiment_name`` (default: the MLflow experiment's name) and ``extras`` (more extras of
+mlflow-edge for the job's environment: a list or a comma-separated string).
 
 The job uploads the project folder, installs it when it is a Python project, and runs the entry point's command with
 the parameters substituted, as ``mlflow run`` would locally, in an environment from mlflow-edge's requirements plus
@@ -47,7 +48,7 @@ from mlflow_edge.azureml.environment import (
 from mlflow_edge.azureml.workspace import require_azure_sdk, submit, workspace_client
 from mlflow_edge.errors import EdgeError, first_line
 
-CONFIG_KEYS = ("compute", "workspace_config", "image", "experiment_name")
+CONFIG_KEYS = ("compute", "workspace_config", "image", "experiment_name", "extras")
 _MLFLOW_KEYS = frozenset({PROJECT_ENV_MANAGER, PROJECT_SYNCHRONOUS, PROJECT_DOCKER_ARGS, PROJECT_STORAGE_DIR,
                           PROJECT_BUILD_IMAGE, PROJECT_DOCKER_AUTH})
 """Keys ``mlflow.projects.run`` adds to every backend config itself."""
@@ -66,10 +67,13 @@ TERMINAL = frozenset({"Completed", "Failed", "NotResponding", "Canceled", "Pause
 
 @dataclasses.dataclass(frozen=True)
 class BackendConfig:
+    """The ``azureml`` backend config: where the job runs, which workspace, on what image, in which experiment."""
+
     compute: str
     workspace_config: str | None = None
     image: str = DEFAULT_IMAGE
     experiment_name: str | None = None
+    extras: str = ""
 
 
 def parse_backend_config(config: Mapping[str, Any] | None) -> BackendConfig:
@@ -82,6 +86,8 @@ def parse_backend_config(config: Mapping[str, Any] | None) -> BackendConfig:
     if not str(given.get("compute") or "").strip():
         raise EdgeError('the azureml backend config needs "compute": the Azure ML compute target '
                         '(e.g. {"compute": "cpu-cluster"})')
+    if isinstance(given.get("extras"), (list, tuple)):
+        given["extras"] = ",".join(map(str, given["extras"]))
     return BackendConfig(**{k: str(v) for k, v in given.items() if v is not None and str(v).strip()})
 
 
@@ -99,7 +105,8 @@ class AzureMLBackend(AbstractBackend):
             PROJECT_STORAGE_DIR))
         experiment = config.experiment_name or MlflowClient(tracking_uri).get_experiment(experiment_id).name
         job = command_job(work_dir, " && ".join(commands), config, experiment,
-                          extras_for(*_targets_and_backends(project.get_entry_point(entry_point), params)),
+                          extras_for(*_targets_and_backends(project.get_entry_point(entry_point), params),
+                                     requested=config.extras.split(",")),
                           f"{project.name or 'project'} {entry_point}")
         submitted = submit(job, ml_client, experiment)
         run = get_or_create_run(None, project_uri, experiment_id, work_dir, version, entry_point, params)

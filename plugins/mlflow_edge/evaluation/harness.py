@@ -43,7 +43,7 @@ class EvalSettings:
 
     text: TextSlice = dataclasses.field(default_factory=evaluation_text)
     window: int = 256
-    windows: int = 8
+    windows: int = 16
     threads: int = dataclasses.field(default_factory=default_threads)
     repeats: int = 5
     prefill_tokens: int = 256

@@ -386,8 +386,8 @@ class Objective:
             return
         windows = min(self.screen_windows, self.evaluator.settings.windows)
         reason = (f"pruned after {windows} of {self.evaluator.settings.windows} windows: "
-                  + "; ".join(f"{g.group} fails ({', '.join(f'{r.gate.metric}={r.value:.4g}' for r in g.results)})"
-                              for g in failed))
+                  + "; ".join(f"{g.group} fails even at best "
+                              f"({', '.join(f'{r.gate.metric}={r.value:.4g}' for r in g.results)})" for g in failed))
         mlflow.log_metrics({f"screen.{k}": v for k, v in early.items()})
         trial.set_user_attr("screen", {k: float(v) for k, v in early.items()})
         self._constrain(trial, early)
