@@ -6,7 +6,6 @@ Errors print one line (``mlflow-edge: error: …``) and exit 1, with the MLflow 
 
 from __future__ import annotations
 
-import functools
 import sys
 from typing import Any, Callable
 
@@ -14,19 +13,7 @@ import click
 
 from mlflow_edge.azureml.cli import azureml
 from mlflow_edge.backends import backend_names
-from mlflow_edge.errors import EdgeError
-
-
-def _one_line_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except EdgeError as exc:
-            click.echo(f"mlflow-edge: error: {exc}", err=True)
-            sys.exit(1)
-
-    return wrapper
+from mlflow_edge.errors import EdgeError, one_line_errors
 
 
 def parse_options(spec: str | None) -> dict[str, str]:
@@ -119,7 +106,7 @@ class _OneLineGroup(click.Group):
 def main(ctx: click.Context) -> None:
     """Convert, quantize, evaluate and promote LLMs for edge hardware, tracked in MLflow."""
     if ctx.invoked_subcommand in STORE_COMMANDS:
-        _one_line_errors(check_tracking_server)()
+        one_line_errors(check_tracking_server)()
 
 
 def check_tracking_server(timeout_s: float = 5.0) -> None:
@@ -156,7 +143,7 @@ def check_tracking_server(timeout_s: float = 5.0) -> None:
 @_target
 @click.option("--output-dir", default=None, help="also copy the artifact here")
 @_experiment
-@_one_line_errors
+@one_line_errors
 def convert(model: str, backend: str | None, precision: str | None, target: str, output_dir: str | None,
             experiment: str | None) -> None:
     """Convert a Hugging Face causal LM into the backend's format and log it as an MLflow model."""
@@ -175,7 +162,7 @@ def convert(model: str, backend: str | None, precision: str | None, target: str,
 @_target
 @click.option("--output-dir", default=None, help="also copy the artifact here")
 @_experiment
-@_one_line_errors
+@one_line_errors
 def quantize(model: str, backend: str | None, precision: str, base_precision: str | None, options: str | None,
              calibration_text: str | None, target: str, output_dir: str | None, experiment: str | None) -> None:
     """Quantize a model with the backend's own quantizer and log it as an MLflow model."""
@@ -193,7 +180,7 @@ def quantize(model: str, backend: str | None, precision: str, base_precision: st
 @_gates
 @_eval_options
 @_experiment
-@_one_line_errors
+@one_line_errors
 def evaluate(model: str, artifact_uri: str, target: str, gates: str | None, eval_text: str | None, window: int,
              windows: int, threads: int | None, repeats: int, experiment: str | None) -> None:
     """Measure an artifact against its source model (the reference) and log the conventions' metrics."""
@@ -217,7 +204,7 @@ def evaluate(model: str, artifact_uri: str, target: str, gates: str | None, eval
               help="only candidates of this source model (name or sha256; default: the champion's, or the only one)")
 @_fidelity
 @_gate_confidence
-@_one_line_errors
+@one_line_errors
 def promote(experiment: str, target: str, gates: str | None, policy: str, registered_model: str,
             study: str | None, model: str | None, fidelity: str | None, gate_confidence: float | None) -> None:
     """Register the best gate-passing candidate and set the <target>-champion alias."""
@@ -269,7 +256,7 @@ def _search_options(func: Callable[..., Any]) -> Callable[..., Any]:
                           "(default: windows/4; 0: off)"),
         click.option("--prune-margin", default=0.02, show_default=True,
                      help="prune only when the first windows miss a gate by more than this (relative)"),
-        _eval_options, _experiment, _one_line_errors,
+        _eval_options, _experiment, one_line_errors,
     ]):
         func = option(func)
     return func
@@ -336,7 +323,7 @@ def search(**kwargs: Any) -> None:
 @click.option("--registered-model", default=None, help="registered model name (default: <source>-edge)")
 @_eval_options
 @_experiment
-@_one_line_errors
+@one_line_errors
 def sweep(model: str, backend: str | None, types: str | None, base_precision: str | None, options: str | None,
           calibration_text: str | None, target: str, gates: str | None, policy: str, registered_model: str | None,
           eval_text: str | None, window: int, windows: int, threads: int | None, repeats: int,
@@ -354,7 +341,7 @@ def sweep(model: str, backend: str | None, types: str | None, base_precision: st
 @main.command()
 @click.option("--target", default=None, help="show the recommended backends for this target only")
 @click.option("--model", default=None, help="also say which installed backends can convert this source model")
-@_one_line_errors
+@one_line_errors
 def targets(target: str | None, model: str | None) -> None:
     """List hardware targets, whether this machine can measure them, and the backends to use."""
     import pandas as pd
@@ -386,7 +373,7 @@ def targets(target: str | None, model: str | None) -> None:
 
 @main.command("quant-types")
 @click.option("--backend", default=None, help="one backend (default: every registered one)")
-@_one_line_errors
+@one_line_errors
 def quant_types(backend: str | None) -> None:
     """List the quantization types and options of the registered backends."""
     from mlflow_edge.backends import backend_names, get_backend
@@ -418,7 +405,7 @@ def quant_types(backend: str | None) -> None:
               help="the longest prompt in tokens (default: the model's context less one)")
 @click.option("--max-queue", default=16, show_default=True, type=click.IntRange(1),
               help="requests queued or running before the server answers 429")
-@_one_line_errors
+@one_line_errors
 def serve(model_uri: str, host: str, port: int, poll_interval: float, max_tokens: int,
           max_prompt_tokens: int | None, max_queue: int) -> None:
     """Serve MODEL_URI (models:/<name>@<alias>, models:/<name>/<version>, runs:/…, a model folder) over an
@@ -438,7 +425,7 @@ def serve(model_uri: str, host: str, port: int, poll_interval: float, max_tokens
               help="windows to log before stopping (0: until interrupted)")
 @click.option("--max-error-rate", default=0.01, show_default=True, type=click.FloatRange(0, 1))
 @_experiment
-@_one_line_errors
+@one_line_errors
 def monitor(url: str, interval: float, windows: int, max_error_rate: float, experiment: str | None) -> None:
     """Log a running server's latency, TTFT, tokens/s and error rate to an MLflow run linked to the served version;
     tag the version and print one line when a window breaches the gates it was promoted under."""

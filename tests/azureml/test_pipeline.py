@@ -108,13 +108,15 @@ def test_image_and_unknown_target_and_registered_model(tmp_path: Path):
     bad = tmp_path / "bad.yml"
     result = _invoke("--dry-run", "--targets", "cpu,moon", "--out", str(bad))
     assert result.exit_code == 1
-    assert result.output.startswith("Error: unknown target 'moon' (choose from ") and result.output.count("\n") == 1
+    assert result.output.startswith("mlflow-edge: error: unknown target 'moon' (choose from ")
+    assert result.output.count("\n") == 1
     assert not bad.exists()
     result = _invoke("--dry-run", "--extras", "test,bogus", "--out", str(bad))
-    assert result.output.startswith("Error: mlflow-edge has no extra bogus (it offers ") and result.exit_code == 1
+    assert result.exit_code == 1
+    assert result.output.startswith("mlflow-edge: error: mlflow-edge has no extra bogus (it offers ")
     assert not bad.exists()
     result = _invoke("--dry-run", "--model", "org/other-model", "--out", str(bad))
-    assert result.output == ("Error: --registered-model is required for a model other than demo "
+    assert result.output == ("mlflow-edge: error: --registered-model is required for a model other than demo "
                              "(search and promote share it)\n")
     assert not bad.exists()
 
@@ -122,9 +124,10 @@ def test_image_and_unknown_target_and_registered_model(tmp_path: Path):
 def test_without_a_workspace_submission_is_one_line_naming_what_to_configure(no_workspace: Path):
     result = _invoke("--out", "p.yml")
     assert result.exit_code == 1
-    assert result.output == ("Error: no Azure ML workspace configured: pass its config.json (--workspace-config; "
-                             "backend config workspace_config) or put it in this folder or .azureml/, or set "
-                             "AZURE_SUBSCRIPTION_ID, AZURE_RESOURCE_GROUP and AZUREML_WORKSPACE_NAME\n")
+    assert result.output == ("mlflow-edge: error: no Azure ML workspace configured: pass its config.json "
+                             "(--workspace-config; backend config workspace_config) or put it in this folder or "
+                             ".azureml/, or set AZURE_SUBSCRIPTION_ID, AZURE_RESOURCE_GROUP and "
+                             "AZUREML_WORKSPACE_NAME\n")
     assert not (no_workspace / "p.yml").exists()  # refused before anything is written
 
 

@@ -98,9 +98,13 @@ def test_every_process_ran_trials_under_one_parent_reference_and_champion(distri
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     roles = [r.data.tags.get("mlflow_edge.role") for r in runs]
     assert roles.count("study") == 1 and roles.count("reference") == 1  # once per study, not per worker
+    assert roles.count("worker") == 2  # one run per worker, under the study's parent
     parent = next(r for r in runs if r.data.tags.get("mlflow_edge.role") == "study")
+    workers = {r.info.run_id: r for r in runs if r.data.tags.get("mlflow_edge.role") == "worker"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in workers.values()} == {parent.info.run_id}
     candidates = [r for r in runs if r.data.tags.get("mlflow_edge.role") == "candidate"]
-    assert {r.data.tags.get("mlflow.parentRunId") for r in candidates} == {parent.info.run_id}
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in candidates}
+    assert parent.info.run_id in parents and parents - {parent.info.run_id} <= set(workers) and len(parents) >= 2
     dead = next(r for r in candidates if r.info.run_id == killed.user_attrs.get("run_id"))
     assert dead.info.status == "FAILED"
     versions = MlflowClient().search_model_versions(f"name = '{MODEL_NAME}'")

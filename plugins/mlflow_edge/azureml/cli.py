@@ -6,29 +6,14 @@ extra is a one-line error.
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable
-
 import click
 
 from mlflow_edge.azureml.environment import DEFAULT_IMAGE
 from mlflow_edge.azureml.workspace import require_azure_sdk
-from mlflow_edge.errors import EdgeError
+from mlflow_edge.errors import one_line_errors
 from mlflow_edge.sources import DEMO_NAME
 
 DEFAULT_OUT = "mlflow-edge-pipeline.yml"
-
-
-def _one_line_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """An :class:`EdgeError` as click's own error: one line, exit 1 (``mlflow-edge: error: …`` under the main CLI)."""
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except EdgeError as exc:
-            raise click.ClickException(str(exc)) from None
-
-    return wrapper
 
 
 @click.group("azureml")
@@ -59,7 +44,7 @@ def azureml() -> None:
               help="the workspace's config.json (default: one in this folder or .azureml/, else the "
                    "AZURE_SUBSCRIPTION_ID, AZURE_RESOURCE_GROUP, AZUREML_WORKSPACE_NAME variables)")
 @click.option("--dry-run", is_flag=True, help="only write the YAML (no workspace needed)")
-@_one_line_errors
+@one_line_errors
 def pipeline(model: str, targets: str, trials: int, registered_model: str | None, storage: str | None, extras: str,
              tracking_uri: str | None, compute: str, experiment: str, image: str, out: str,
              workspace_config: str | None, dry_run: bool) -> None:

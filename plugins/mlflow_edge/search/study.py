@@ -336,8 +336,6 @@ class Objective:
     prune_margin: float = 0.02
     model_spec: str = ""
     calibration_path: str | None = None
-    parent_run_id: str | None = None
-    """A worker's trials name the coordinator's parent run (they run in another process)."""
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         trial.set_user_attr("owner", procs.owner_tag())  # a search on this host can tell when this process is gone
@@ -348,8 +346,7 @@ class Objective:
         if twin is not None:
             return self._reuse(trial, twin)
         tags = {**run_tags(self.target, self.study_name, "candidate", [backend]),
-                "mlflow_edge.trial": str(trial.number), "optuna.study": self.study_name,
-                **({"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {})}
+                "mlflow_edge.trial": str(trial.number), "optuna.study": self.study_name}
         try:
             with tracked_run(f"trial-{trial.number}-{precision}", nested=True, tags=tags,
                              stopped_early=(optuna.TrialPruned,)) as run:
@@ -553,8 +550,9 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
 def run_worker(storage: str, study_name: str, target: str | None = None, timeout: float | None = None,
                wait_s: float = 600.0) -> dict[str, Any]:
     """Join the study ``study_name`` that a coordinator (``mlflow-edge search`` on the same storage) started, and run
-    its trials until the study's budget is measured: the coordinator's settings, gates, space and budget, trials
-    nested under its parent run. No reference run, no promotion: the coordinator does those once per study.
+    its trials until the study's budget is measured: the coordinator's settings, gates, space and budget. Its trials
+    are nested under one run per worker (role ``worker``), itself under the coordinator's parent run. No reference
+    run, no promotion: the coordinator does those once per study.
 
     Refused, in one line: a storage that does not answer, a study that no coordinator starts within ``wait_s``, a
     study of another target than ``target``, another mlflow-edge version or search space, another evaluation text.
@@ -563,18 +561,29 @@ def run_worker(storage: str, study_name: str, target: str | None = None, timeout
     study = _wait_for_study(open_storage(storage), study_name, label, wait_s)
     record = study.user_attrs[COORDINATION_ATTR]
     _check_joinable(record, study_name, target)
-    mlflow.set_experiment(experiment_id=record["experiment_id"])
     settings = settings_from_record(record["settings"])
+    experiment = mlflow.get_experiment(record["experiment_id"]).name
+    tags = {**run_tags(record["target"], study_name, "worker", record["backends"]),
+            "mlflow.parentRunId": record["parent_run_id"], "optuna.study": study_name}
+    before = {t.number for t in study.get_trials(deepcopy=False)}
+    with tracked_run(f"worker-{procs.owner_tag()}", experiment, tags=tags):
+        _work_on(study, record, study_name, settings, timeout, wait_s, label)
+    mine = [t.number for t in study.get_trials(deepcopy=False)
+            if t.number not in before and t.user_attrs.get("owner") == procs.owner_tag()]
+    return {"study": study_name, "storage": label, "trials": mine}
+
+
+def _work_on(study: optuna.Study, record: dict[str, Any], study_name: str, settings: EvalSettings,
+             timeout: float | None, wait_s: float, label: str) -> None:
+    """A worker's trials of ``study`` with the coordinator's ``record``, nested under the active worker run."""
     source = resolve_source(record["model"])
-    calibration = calibration_text(record["calibration"])
     space = enumerate_space(record["backends"])
     study.sampler = _sampler(space, os.getpid() + len(study.trials), record["budget"])
     goals = parse_objectives(record["objectives"], accuracy_only=not settings.speed)
     objective = Objective(source, record["backends"], record["target"], study_name, goals,
-                          parse_gates(record["gates"]), Evaluator(source, settings), calibration,
-                          record["screen_windows"], record["prune_margin"], model_spec=record["model"],
-                          calibration_path=record["calibration"], parent_run_id=record["parent_run_id"])
-    before = {t.number for t in study.get_trials(deepcopy=False)}
+                          parse_gates(record["gates"]), Evaluator(source, settings),
+                          calibration_text(record["calibration"]), record["screen_windows"],
+                          record["prune_margin"], model_spec=record["model"], calibration_path=record["calibration"])
     try:
         _adopt_reference(study, objective.evaluator, wait_s)
         progress(f"worker of study {study_name} ({label}): {measured_count(study)} of {record['budget']} trial(s) "
@@ -582,9 +591,6 @@ def run_worker(storage: str, study_name: str, target: str | None = None, timeout
         _optimize(study, objective, record["budget"], timeout, space)
     finally:
         objective.evaluator.close()
-    mine = [t.number for t in study.get_trials(deepcopy=False)
-            if t.number not in before and t.user_attrs.get("owner") == procs.owner_tag()]
-    return {"study": study_name, "storage": label, "trials": mine}
 
 
 def _wait_for_study(storage: optuna.storages.BaseStorage, name: str, label: str, wait_s: float) -> optuna.Study:
