@@ -142,3 +142,17 @@ def _quick():
 
     return EvalSettings(window=64, windows=2, threads=2, repeats=2, prefill_tokens=64, prompt_tokens=16,
                         decode_tokens=8)
+
+
+def test_trials_that_fail_before_measuring_cannot_loop_forever():
+    from mlflow_edge.search.study import StopWhenDone
+
+    study = optuna.create_study()
+    calls = []
+
+    def broken(trial):
+        calls.append(trial.number)
+        raise RuntimeError("the backend failed to sample")  # no "error" attribute: it never counts as measured
+
+    study.optimize(broken, n_trials=None, catch=(RuntimeError,), callbacks=[StopWhenDone(budget=3, space=None)])
+    assert len(calls) == 6  # stopped by the guard at twice the budget

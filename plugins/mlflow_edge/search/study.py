@@ -694,13 +694,17 @@ def finish_study(study: optuna.Study, objective: Objective, budget: int | None, 
 @dataclasses.dataclass
 class StopWhenDone:
     """Optuna callback: stop this process's loop once the study's measured trials reach ``budget`` (trials running
-    in other workers count) or no configuration of ``space`` is left."""
+    in other workers count) or no configuration of ``space`` is left; and, as a guard against trials that fail
+    before they measure anything (and so never count), after twice the budget of this process's own trials."""
 
     budget: int | None
     space: list[dict[str, Any]] | None
+    finished: int = 0
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if self.budget is not None and measured_count(study, running=True) >= self.budget:
+        self.finished += 1
+        if self.budget is not None and (measured_count(study, running=True) >= self.budget
+                                        or self.finished >= 2 * self.budget):
             study.stop()
         elif _runnable(study, self.space, None, quiet=True) == 0:
             study.stop()
