@@ -409,18 +409,20 @@ def test_runner_reuses_the_kv_state(runner, tokens: list[int]) -> None:
     assert np.abs(steps - full[16:]).max() <= 0.1 * forgetting
 
 
-def test_the_harness_measures_an_ir(tiny_source: SourceModel, compressed: dict[str, Artifact], tiny_settings) -> None:
+def test_the_harness_measures_an_ir(tiny_source: SourceModel, compressed: dict[str, Artifact], f16: Artifact,
+                                    tiny_settings) -> None:
     from mlflow_edge.evaluation.harness import Evaluator
-    from mlflow_edge.metrics import METRICS
+    from mlflow_edge.metrics import ARTIFACT_METRICS
 
     evaluator = Evaluator(tiny_source, tiny_settings)
     try:
-        metrics = evaluator.evaluate(compressed["INT8_ASYM"])  # a child process loads it through get_backend
+        metrics = evaluator.evaluate(compressed["INT8_ASYM"], f16)  # a child process loads it through get_backend
     finally:
         evaluator.close()
-    assert set(METRICS) <= set(metrics) and all(v == v for v in metrics.values())
+    assert set(ARTIFACT_METRICS) <= set(metrics) and all(v == v for v in metrics.values())
     assert metrics["size_mb"] == pytest.approx(compressed["INT8_ASYM"].size_bytes / 1e6)
     assert metrics["kld_mean"] < 0.05 and metrics["top1_agreement"] > 0.8
+    assert metrics["speedup_vs_base"] == pytest.approx(metrics["decode_tok_s"] / evaluator.base_decode_tok_s(f16))
 
 
 # -- registration, versions, search space -----------------------------------------------------------------------

@@ -497,10 +497,11 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
             base = convert(source, backend)
             progress(f"base {backend} {base.precision}: {base.size_bytes / 1e6:.1f} MB")
         study = open_study(optuna_storage, name, goals, objectives, storage_label)
+        before = len(study.trials)  # the retries of stale trials below are new trials of this call
         stale = fail_stale_trials(study)
         if stale:
-            progress(f"marked trial(s) {', '.join(map(str, stale))} FAIL: left RUNNING by a stopped search")
-        before = len(study.trials)
+            progress(f"marked trial(s) {', '.join(map(str, stale))} FAIL: left RUNNING by a stopped search; their "
+                     "configurations are queued again")
         space = enumerate_space(backends)
         study.sampler = _sampler(space, seed + before, trials)
         if before == 0:  # a new study: the backends' usual defaults first, as far as the budget goes
