@@ -42,7 +42,7 @@ class Postgres:
             shutil.chown(self.sockets, "postgres")
         self._run([_postgres_bin("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8"])
         self._run([_postgres_bin("pg_ctl"), "-D", str(self.data), "-l", str(folder / "server.log"), "-w", "-o",
-                   f"-p {self.port} -k {self.sockets} -c listen_addresses={LOOPBACK}", "start"])
+                   f"-p {self.port} -k {self.sockets} -c listen_addresses={LOOPBACK} -c max_connections=300", "start"])
 
     def _run(self, command: list[str]) -> None:
         done = subprocess.run(_as_postgres(command), capture_output=True, text=True, cwd=self.folder)

@@ -36,8 +36,9 @@ def _start(args: list[str], log: Path, env: dict[str, str], cwd: Path) -> subpro
 
 
 def _running_trial_of(study: optuna.Study, pid: int) -> optuna.trial.FrozenTrial | None:
+    """The trial ``pid`` is measuring: RUNNING, owned by it, its MLflow run started."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if f":{pid}-" in trial.user_attrs.get("owner", ""):
+        if f":{pid}-" in trial.user_attrs.get("owner", "") and "run_id" in trial.user_attrs:
             return trial
     return None
 
@@ -56,9 +57,10 @@ def distributed(postgres, tracking_server, tiny_source, tmp_path_factory):
     workers = [_start(["search", "--worker", *common], folder / f"worker{i}.log", env, folder) for i in (1, 2)]
     victim, killed = workers[0], None
     deadline = time.monotonic() + 600
+    watcher = optuna.storages.RDBStorage(storage)  # one connection pool for the whole watch
     while killed is None and time.monotonic() < deadline and victim.poll() is None:
         try:
-            killed = _running_trial_of(optuna.load_study(study_name=STUDY, storage=storage), victim.pid)
+            killed = _running_trial_of(optuna.load_study(study_name=STUDY, storage=watcher), victim.pid)
         except KeyError:  # the coordinator has not created the study yet
             pass
         time.sleep(0.2)
@@ -69,7 +71,7 @@ def distributed(postgres, tracking_server, tiny_source, tmp_path_factory):
     assert codes == [0, 0], "\n".join(f"== {k}\n{v[-3000:]}" for k, v in logs.items())
     mlflow.set_tracking_uri(tracking_server)
     mlflow.set_registry_uri(tracking_server)
-    yield optuna.load_study(study_name=STUDY, storage=storage), killed, logs
+    yield optuna.load_study(study_name=STUDY, storage=watcher), killed, logs
     mlflow.set_tracking_uri(None)
 
 

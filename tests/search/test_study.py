@@ -156,7 +156,14 @@ import optuna
 from mlflow_edge.search.study import open_storage
 
 study = optuna.load_study(study_name="s", storage=open_storage(sys.argv[1]))
-study.optimize(lambda trial: time.sleep(float(sys.argv[2])) or 1.0, n_trials=1)
+
+def objective(trial):
+    time.sleep(1.5)  # past the first heartbeats (one a second)
+    trial.set_user_attr("beating", True)
+    time.sleep(float(sys.argv[2]))
+    return 1.0
+
+study.optimize(objective, n_trials=1)
 """
 
 
@@ -165,8 +172,11 @@ def _running(study: optuna.Study) -> list[int]:
 
 
 def _wait_running(study: optuna.Study, count: int) -> None:
+    """Until ``count`` trials run and each has recorded heartbeats (a trial killed before its first heartbeat has none
+    and never turns stale by heartbeat)."""
     deadline = time.monotonic() + 60
-    while len(_running(study)) < count:
+    while len([t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+               if t.user_attrs.get("beating")]) < count:
         assert time.monotonic() < deadline
         time.sleep(0.2)
 
