@@ -31,6 +31,11 @@ STALE_REASON = "interrupted: the run was left RUNNING by a process that stopped"
 MODEL_URI_TAG = "mlflow_edge.model_uri"
 DIGEST_TAG = "mlflow_edge.artifact_sha256"
 """Content hash of an evaluated artifact's model files (:func:`mlflow_edge.artifacts.content_digest`)."""
+ACCURACY_KEY_TAG = "mlflow_edge.accuracy_key"
+"""What the accuracy of an evaluated run was measured against (:meth:`~mlflow_edge.evaluation.harness.Evaluator.
+accuracy_key`): with :data:`DIGEST_TAG`, when another run's accuracy stands for a new one."""
+ACCURACY_FROM_TAG = "mlflow_edge.accuracy_from"
+"""On a run whose accuracy was not measured again: the run it was measured in (:func:`earlier_accuracy`)."""
 OWNER_TAG = "mlflow_edge.owner"
 """``<host>:<pid>-<start time>`` of the process that runs the run (:func:`mlflow_edge.procs.owner_tag`)."""
 
@@ -183,6 +188,21 @@ def _model_with_digest(experiment_id: str, digest: str) -> str | None:
     return next((r.data.tags[MODEL_URI_TAG] for r in found if MODEL_URI_TAG in r.data.tags), None)
 
 
+def earlier_accuracy(experiment_id: str, digest: str, accuracy_key: str) -> tuple[str, dict[str, float]] | None:
+    """``(run id, accuracy and size metrics)`` of a finished run of ``experiment_id`` that measured the accuracy of an
+    artifact with content hash ``digest`` against ``accuracy_key``, on whatever machine; ``None`` if there is none."""
+    from mlflow_edge.metrics import ACCURACY_SIZE_METRICS
+
+    found = mlflow.MlflowClient().search_runs(
+        [experiment_id], f"tags.`{DIGEST_TAG}` = '{digest}' AND tags.`{ACCURACY_KEY_TAG}` = '{accuracy_key}' "
+        "AND attributes.status = 'FINISHED'", max_results=20)
+    for run in found:
+        metrics = {k: v for k, v in run.data.metrics.items() if k in ACCURACY_SIZE_METRICS}
+        if {"perplexity", "kld_mean", "accuracy_retention"} <= metrics.keys():
+            return run.data.tags.get(ACCURACY_FROM_TAG, run.info.run_id), metrics
+    return None
+
+
 def evaluate_reference(evaluator: "Evaluator", target: str, study: str) -> dict[str, float]:
     """A nested run for the reference (the source model in ``transformers``)."""
     with tracked_run("reference", nested=True, tags=run_tags(target, study, "reference")):
@@ -196,15 +216,18 @@ def evaluate_reference(evaluator: "Evaluator", target: str, study: str) -> dict[
 
 
 def evaluate_candidate(evaluator: "Evaluator", artifact: Artifact, gates: "Gates", target: str,
-                       study: str, base: Artifact | None = None, log_model: bool = True) -> dict[str, Any]:
-    """Measure ``artifact`` (``speedup_vs_base`` against ``base`` when given), check the gates, log params, metrics,
-    tags (the content hash among them) and, unless ``log_model`` is false, the model in the active run."""
+                       study: str, base: Artifact | None = None, log_model: bool = True,
+                       known_accuracy: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Measure ``artifact`` (``speedup_vs_base`` against ``base`` when given; only speed with ``known_accuracy``),
+    check the gates, log params, metrics, tags (the content hash and accuracy key among them) and, unless
+    ``log_model`` is false, the model in the active run."""
     from mlflow_edge.artifacts import content_digest
 
-    metrics = evaluator.evaluate(artifact, base)
+    metrics = evaluator.evaluate(artifact, base, known_accuracy)
     report = gates.check(metrics)
     mlflow.log_params({**artifact_params(artifact, target), **evaluator.settings.params()})
-    mlflow.set_tags({**report.as_tags(), DIGEST_TAG: content_digest(artifact)})
+    mlflow.set_tags({**report.as_tags(), DIGEST_TAG: content_digest(artifact),
+                     ACCURACY_KEY_TAG: evaluator.accuracy_key()})
     if log_model:
         model_uri = log_model_with_metrics(artifact, metrics)
     else:

@@ -158,19 +158,35 @@ class Evaluator:
         self.reference_metrics = metrics
         return self._measured(metrics)
 
-    def evaluate(self, artifact: Artifact, base: Artifact | None = None) -> dict[str, float]:
+    def accuracy_key(self) -> str:
+        """What makes two accuracy measurements of one artifact the same: the source, the text, the windows and the
+        interval level. Equal keys and equal content hashes give equal accuracy on any machine (up to kernels)."""
+        s = self.settings
+        return cache.key_digest({"source": self.source.sha256, "text": s.text.sha256, "window": s.window,
+                                 "windows": s.windows, "confidence": s.confidence})
+
+    def evaluate(self, artifact: Artifact, base: Artifact | None = None,
+                 known_accuracy: Mapping[str, float] | None = None) -> dict[str, float]:
         """Measure ``artifact``: size, speed, memory, accuracy, and the ratios against the reference (and
-        ``speedup_vs_base`` against ``base``, the same backend's unquantized artifact, when speed is measured)."""
+        ``speedup_vs_base`` against ``base``, the same backend's unquantized artifact, when speed is measured).
+
+        ``known_accuracy``: the accuracy and size metrics measured earlier for this very artifact (same content hash,
+        same :meth:`accuracy_key`), perhaps on another machine: they are taken as they are and only speed is measured.
+        """
+        if known_accuracy is not None and not self.settings.speed:
+            return dict(known_accuracy)
         if self.reference_metrics is None:
             self.evaluate_reference()
         measured = self._run_child({
             "kind": "artifact",
             "artifact": artifact.to_json(),
             "reference": str(self._reference_dir),
+            "accuracy": known_accuracy is None,
         })
         measured.pop("reference_perplexity", None)
-        metrics = {**measured, **_size_metrics(artifact.size_bytes, artifact.num_parameters)}
+        metrics = {**measured, **(known_accuracy or {}), **_size_metrics(artifact.size_bytes, artifact.num_parameters)}
         metrics.update(relative_metrics(metrics, self.reference_metrics))
+        metrics.update(known_accuracy or {})  # the retention measured with the accuracy, not re-derived here
         if base is not None and "decode_tok_s" in metrics:
             metrics["speedup_vs_base"] = metrics["decode_tok_s"] / self.base_decode_tok_s(base)
         return self._measured(metrics)

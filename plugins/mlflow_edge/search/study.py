@@ -40,7 +40,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from mlflow_edge import __version__, procs, registry
-from mlflow_edge.artifacts import convert, quantize
+from mlflow_edge.artifacts import content_digest, convert, quantize
 from mlflow_edge.backends import get_backend
 from mlflow_edge.errors import EdgeError, first_line
 from mlflow_edge.evaluation.data import TextSlice, calibration_text, check_disjoint
@@ -48,6 +48,8 @@ from mlflow_edge.evaluation.harness import EvalSettings, Evaluator, settings_fro
 from mlflow_edge.gates import Gates, parse_gates, resolve_gates
 from mlflow_edge.metrics import ACCURACY_SIZE_METRICS, METRICS
 from mlflow_edge.runs import (
+    ACCURACY_FROM_TAG,
+    earlier_accuracy,
     end_stale_run,
     evaluate_candidate,
     evaluate_reference,
@@ -70,7 +72,7 @@ from mlflow_edge.search.space import (
     unmeasured,
 )
 from mlflow_edge.sources import SourceModel, resolve_source
-from mlflow_edge.targets import get_target, is_measurable
+from mlflow_edge.targets import get_target, hardware_fingerprint, is_measurable
 
 MULTI_OBJECTIVE: tuple[tuple[str, str], ...] = (
     ("decode_tok_s", "maximize"), ("size_mb", "minimize"), ("accuracy_retention", "maximize"),
@@ -355,9 +357,10 @@ class Objective:
                 artifact = quantize(self.source, base, precision, options, self.calibration)
                 mlflow.set_tag(REBUILD_TAG, rebuild_command(self.model_spec or str(self.source.path), backend,
                                                             precision, options, self.calibration_path))
-                self._screen(trial, artifact)
+                known = self._known_accuracy(run, artifact)
+                self._screen(trial, artifact, known)
                 metrics = evaluate_candidate(self.evaluator, artifact, self.gates, self.target, self.study_name,
-                                             base=base, log_model=False)["metrics"]
+                                             base=base, log_model=False, known_accuracy=known)["metrics"]
         except optuna.TrialPruned:
             raise
         except Exception as exc:
@@ -374,17 +377,29 @@ class Objective:
         return self.screen_windows > 0 and any(
             all(g.metric in ACCURACY_SIZE_METRICS for g in group.gates) for group in self.gates.groups)
 
-    def _screen(self, trial: optuna.Trial, artifact) -> None:
-        if not self.screenable():
+    def _known_accuracy(self, run: mlflow.ActiveRun, artifact) -> dict[str, float] | None:
+        """The accuracy another run measured for this very artifact (any study of the experiment, any machine), so
+        that this trial only measures speed; the run says where its accuracy came from."""
+        found = earlier_accuracy(run.info.experiment_id, content_digest(artifact), self.evaluator.accuracy_key())
+        if found is None:
+            return None
+        mlflow.set_tag(ACCURACY_FROM_TAG, found[0])
+        progress(f"{artifact.backend} {artifact.precision}: accuracy measured in run {found[0]} is reused; "
+                 "measuring speed only")
+        return found[1]
+
+    def _screen(self, trial: optuna.Trial, artifact, known: dict[str, float] | None = None) -> None:
+        if not (self.screenable() or known):
             return
-        early = self.evaluator.screen(artifact, self.screen_windows)
-        failed = self.gates.certain_failures(early, self.prune_margin)
+        early = known or self.evaluator.screen(artifact, self.screen_windows)
+        failed = self.gates.certain_failures(early, 0.0 if known else self.prune_margin)
         if not failed:
             return
         windows = min(self.screen_windows, self.evaluator.settings.windows)
-        reason = (f"pruned after {windows} of {self.evaluator.settings.windows} windows: "
-                  + "; ".join(f"{g.group} fails even at best "
-                              f"({', '.join(f'{r.gate.metric}={r.value:.4g}' for r in g.results)})" for g in failed))
+        reason = ("pruned on the accuracy measured earlier: " if known else
+                  f"pruned after {windows} of {self.evaluator.settings.windows} windows: ")
+        reason += "; ".join(f"{g.group} fails even at best "
+                            f"({', '.join(f'{r.gate.metric}={r.value:.4g}' for r in g.results)})" for g in failed)
         mlflow.log_metrics({f"screen.{k}": v for k, v in early.items()})
         trial.set_user_attr("screen", {k: float(v) for k, v in early.items()})
         self._constrain(trial, early)
@@ -418,7 +433,7 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
                calibration_path: str | None = None, experiment: str | None = None, accuracy_only: bool = False,
                screen_windows: int | None = None, prune_margin: float = 0.02,
                run_name: str = "search", backends: Sequence[str] | None = None, fidelity: str | None = None,
-               gate_confidence: float | None = None) -> dict[str, Any]:
+               gate_confidence: float | None = None, coordinate_only: bool | None = None) -> dict[str, Any]:
     """Search the target's installed backends with Optuna for ``trials`` trials (or ``timeout`` seconds), log every
     trial as a nested MLflow run, the Pareto front on the parent, and promote the best feasible one by ``policy``.
 
@@ -429,7 +444,10 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
     prune a trial before its timed runs. ``fidelity`` names a preset for the fidelity gates
     (:data:`~mlflow_edge.gates.FIDELITY_PRESETS`); ``gate_confidence`` decides gates on the bounds of that confidence
     level instead of the point values. Every trial measures a configuration no earlier trial measured; the search stops
-    early when none is left. Model files are logged for the feasible front and the policy's best only. Returns
+    early when none is left. Model files are logged for the feasible front and the policy's best only.
+    ``coordinate_only`` runs no trial here: workers (:func:`run_worker`) on the target's hardware measure them, and
+    this process says who works until the budget is measured (a ``timeout`` with no worker is an error). It is the
+    default when this machine cannot measure the target and a shared ``storage`` is given. Returns
     ``{"study", "storage", "run_id", "trials", "new_trials", "pareto", "promotion", "distinct_left",
     "bytes_logged"}``.
     """
@@ -438,9 +456,15 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
         raise EdgeError(f"a budget of 0: give trials >= 1 or a timeout (got trials={trials})")
     if timeout is not None and timeout <= 0:
         raise EdgeError(f"a budget of 0: the timeout must be positive (got {timeout})")
-    if not accuracy_only and not is_measurable(target_spec):
+    measurable = accuracy_only or is_measurable(target_spec)
+    coordinate_only = (not measurable and storage is not None) if coordinate_only is None else coordinate_only
+    if not measurable and not coordinate_only:
         raise EdgeError(f"target '{target}' needs {target_spec.requires}, which this machine lacks, so latency cannot "
-                        "be measured here; rerun with --accuracy-only true to search by accuracy and size alone")
+                        "be measured here; rerun with --accuracy-only true to search by accuracy and size alone, or "
+                        "give a shared --storage and start `search --worker` on that hardware")
+    if coordinate_only and storage is None:
+        raise EdgeError("--coordinate-only needs a shared --storage that the workers reach "
+                        "(e.g. postgresql://user@host/optuna)")
     gate_spec = resolve_gates(gates, fidelity, gate_confidence)
     dropped: list[str] = []
     if accuracy_only:
@@ -518,15 +542,17 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
         progress(f"study {name}: {done} trial(s) done, {remaining if remaining is not None else 'unbounded'} to run "
                  f"over {', '.join(backends)}")
 
-        objective = Objective(source, backends, target, name, goals, gate_spec, Evaluator(source, settings),
+        here = settings if measurable else dataclasses.replace(settings, speed=False)  # no speed without hardware
+        objective = Objective(source, backends, target, name, goals, gate_spec, Evaluator(source, here),
                               calibration, screen_windows, prune_margin, model_spec=model,
                               calibration_path=calibration_path)
+        runner = DeviceWorkers(name, target, storage_label, timeout) if coordinate_only else None
         try:
             if remaining != 0:  # a study with nothing left to run measures nothing again
                 evaluate_reference(objective.evaluator, target, name)
                 study.set_user_attr(REFERENCE_ATTR, objective.evaluator.reference_metrics)
-                _optimize(study, objective, trials, timeout, space)
-            finish_study(study, objective, trials, timeout, space)
+                _run_trials(study, objective, trials, timeout, space, runner)
+            finish_study(study, objective, trials, timeout, space, runner)
             bytes_logged = store_front_models(study, objective, promotion_policy)
         finally:
             objective.evaluator.close()
@@ -561,12 +587,13 @@ def run_worker(storage: str, study_name: str, target: str | None = None, timeout
     label = redacted(storage)
     study = _wait_for_study(open_storage(storage), study_name, label, wait_s)
     record = study.user_attrs[COORDINATION_ATTR]
-    _check_joinable(record, study_name, target)
     settings = settings_from_record(record["settings"])
+    _check_joinable(record, study_name, target, settings.speed)
     experiment = mlflow.get_experiment(record["experiment_id"]).name
     tags = {**run_tags(record["target"], study_name, "worker", record["backends"]),
             "mlflow.parentRunId": record["parent_run_id"], "optuna.study": study_name}
     before = {t.number for t in study.get_trials(deepcopy=False)}
+    register_worker(study, record["target"])
     with tracked_run(f"worker-{procs.owner_tag()}", experiment, tags=tags):
         _work_on(study, record, study_name, settings, timeout, wait_s, label)
     mine = [t.number for t in study.get_trials(deepcopy=False)
@@ -613,11 +640,15 @@ def _wait_for_study(storage: optuna.storages.BaseStorage, name: str, label: str,
         time.sleep(2.0)
 
 
-def _check_joinable(record: dict[str, Any], name: str, target: str | None) -> None:
-    """Refuse a study this worker would measure differently: another target, mlflow-edge version or search space."""
+def _check_joinable(record: dict[str, Any], name: str, target: str | None, speed: bool) -> None:
+    """Refuse a study this worker would measure differently: another target, a target whose speed this machine
+    cannot measure, another mlflow-edge version or search space."""
     if target is not None and target != record["target"]:
         raise EdgeError(f"study '{name}' searches target '{record['target']}'; this worker was started for "
                         f"'{target}' (use that target's study)")
+    if speed and not is_measurable(record["target"]):
+        raise EdgeError(f"study '{name}' measures speed on target '{record['target']}', which needs "
+                        f"{get_target(record['target']).requires}; this machine lacks it: join from one that has it")
     if record["version"] != __version__:
         raise EdgeError(f"study '{name}' was started by mlflow-edge {record['version']}; this worker runs "
                         f"{__version__}: install the same version to join")
@@ -633,12 +664,14 @@ def _check_joinable(record: dict[str, Any], name: str, target: str | None) -> No
 
 def _adopt_reference(study: optuna.Study, evaluator: Evaluator, wait_s: float) -> None:
     """The coordinator's reference metrics when its cached log-probabilities are on this machine (same host or a
-    shared cache), else the reference measured here (no run: the coordinator's reference run is the study's)."""
+    shared cache) and it timed the reference, else the reference measured here (no run: the coordinator's reference
+    run is the study's; the speed ratios of this worker's trials are against this machine's reference)."""
     deadline = time.monotonic() + wait_s
     while REFERENCE_ATTR not in study.user_attrs and time.monotonic() < deadline:  # read from the storage each time
         time.sleep(2.0)
     recorded = study.user_attrs.get(REFERENCE_ATTR)
-    if recorded and (evaluator.reference_dir / "logprobs.npy").is_file():
+    timed = "decode_tok_s" in (recorded or {}) or not evaluator.settings.speed  # a coordinator without the hardware
+    if recorded and timed and (evaluator.reference_dir / "logprobs.npy").is_file():
         evaluator.reference_metrics = dict(recorded)
     else:
         progress("measuring the reference on this machine (its log-probabilities are not cached here)")
@@ -679,17 +712,99 @@ def _optimize(study: optuna.Study, objective: Objective, budget: int | None, tim
                    callbacks=[StopWhenDone(budget, space)])
 
 
+def _run_trials(study: optuna.Study, objective: Objective, budget: int | None, timeout: float | None,
+                space: list[dict[str, Any]] | None, device_workers: "DeviceWorkers | None") -> None:
+    """Run trials here, or, for a coordinator without the target's hardware, wait for the workers that have it."""
+    if device_workers is None:
+        _optimize(study, objective, budget, timeout, space)
+    else:
+        device_workers.wait(study, budget, space)
+
+
 def finish_study(study: optuna.Study, objective: Objective, budget: int | None, timeout: float | None,
-                 space: list[dict[str, Any]] | None) -> None:
-    """Wait for the other workers' trials, then run what their deaths queued again, until nothing of the budget is
-    running or queued: what the coordinator does before the study's models are stored and its champion promoted."""
+                 space: list[dict[str, Any]] | None, device_workers: "DeviceWorkers | None" = None) -> None:
+    """Wait for the other workers' trials, then run what their deaths queued again (or wait for ``device_workers``
+    to), until nothing of the budget is running or queued: what the coordinator does before the study's models are
+    stored and its champion promoted."""
     while True:
         wait_for_workers(study)
         queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         if not queued or (budget is not None and measured_count(study) >= budget):
             return
-        progress(f"running {len(queued)} trial(s) queued again after their worker stopped")
-        _optimize(study, objective, budget, timeout, space)
+        progress(f"{len(queued)} trial(s) queued again after their worker stopped")
+        _run_trials(study, objective, budget, timeout, space, device_workers)
+
+
+WORKER_ATTR_PREFIX = "mlflow_edge.worker:"
+"""Study attribute of each worker that joined (``<prefix><owner>``): its target, host, CPU and accelerator."""
+
+
+def register_worker(study: optuna.Study, target: str) -> None:
+    """Record in the study that this process works on it, so that the coordinator can say who does."""
+    fingerprint = hardware_fingerprint()
+    study.set_user_attr(WORKER_ATTR_PREFIX + procs.owner_tag(), {
+        "target": target, "cpu": fingerprint["hw.cpu_model"], "accelerator": fingerprint["hw.accelerator"],
+        "joined": time.time()})
+
+
+def joined_workers(study: optuna.Study) -> dict[str, dict[str, Any]]:
+    """The workers that joined ``study`` (read from the storage), by owner tag."""
+    return {key.removeprefix(WORKER_ATTR_PREFIX): value for key, value in study.user_attrs.items()
+            if key.startswith(WORKER_ATTR_PREFIX)}
+
+
+@dataclasses.dataclass
+class DeviceWorkers:
+    """A coordinator that runs no trial: it waits for the workers on the target's hardware, says who works (or that
+    none has joined, and how to start one) when a worker joins and every ``status_s``, and gives up after ``timeout``
+    when no trial was measured: a target with no worker is never skipped silently."""
+
+    study_name: str
+    target: str
+    storage_label: str
+    timeout: float | None
+    status_s: float = 30.0
+    poll_s: float = 2.0
+
+    def wait(self, study: optuna.Study, budget: int | None, space: list[dict[str, Any]] | None) -> None:
+        started, said, known = time.monotonic(), -math.inf, set()
+        while not _budget_measured(study, budget, space):
+            workers = set(joined_workers(study))
+            if time.monotonic() - said >= self.status_s or workers != known:  # and whenever a worker joins
+                progress(self.status(study, budget))
+                said, known = time.monotonic(), workers
+            if self.timeout is not None and time.monotonic() - started > self.timeout:
+                self._out_of_time(study)
+                return
+            time.sleep(self.poll_s)
+            fail_stale_trials(study)
+
+    def status(self, study: optuna.Study, budget: int | None) -> str:
+        workers = joined_workers(study)
+        done = f"{measured_count(study)} of {budget if budget is not None else 'unbounded'} trial(s) measured"
+        if not workers:
+            return (f"study {self.study_name}: {done}; no worker for target '{self.target}' has joined yet: on a "
+                    f"machine with {get_target(self.target).requires} run `mlflow-edge search --worker --storage "
+                    f"{self.storage_label} --study-name {self.study_name} --target {self.target}`")
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return (f"study {self.study_name}: {done}, {len(running)} running; workers: "
+                + ", ".join(f"{owner} ({w['cpu']}; {w['accelerator']})" for owner, w in workers.items()))
+
+    def _out_of_time(self, study: optuna.Study) -> None:
+        if measured_count(study) == 0:
+            raise EdgeError(f"no worker for target '{self.target}' measured a trial of study '{self.study_name}' "
+                            f"within {self.timeout:.0f} s; start `mlflow-edge search --worker` on a machine with "
+                            f"{get_target(self.target).requires}; nothing promoted")
+        progress(f"time budget spent: the study goes on with its {measured_count(study)} measured trial(s)")
+
+
+def _budget_measured(study: optuna.Study, budget: int | None, space: list[dict[str, Any]] | None) -> bool:
+    """Whether nothing more of the budget is to be measured: the budget is, or no configuration is left and no
+    trial runs."""
+    if budget is not None and measured_count(study) >= budget:
+        return True
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+    return not running and _runnable(study, space, None, quiet=True) == 0
 
 
 @dataclasses.dataclass
