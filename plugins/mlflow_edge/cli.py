@@ -247,6 +247,9 @@ def _search_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--worker", is_flag=True, default=False,
                      help="join the study a coordinator (this command without --worker, same --storage) started and "
                           "run its trials; settings, gates and budget are the coordinator's"),
+        click.option("--coordinate-only", is_flag=True, default=False,
+                     help="run no trial here: workers on the target's hardware (--worker, same --storage) measure "
+                          "them; the default when this machine lacks that hardware and --storage is given"),
         click.option("--registered-model", default=None, help="registered model name (default: <source>-edge)"),
         click.option("--calibration-text", default=None, help="calibration text file (default: built-in slice)"),
         click.option("--accuracy-only", type=click.BOOL, default=False, show_default=True,
@@ -264,7 +267,7 @@ def _search_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _search(run_name: str, model: str, target: str, backends: str | None, trials: int, timeout: float | None,
             objectives: str, gates: str | None, fidelity: str | None, gate_confidence: float | None, policy: str,
-            seed: int, storage: str | None, study_name: str | None, worker: bool,
+            seed: int, storage: str | None, study_name: str | None, worker: bool, coordinate_only: bool,
             registered_model: str | None, calibration_text: str | None, accuracy_only: bool,
             screen_windows: int | None, prune_margin: float, eval_text: str | None, window: int, windows: int,
             threads: int | None, repeats: int, experiment: str | None) -> None:
@@ -277,7 +280,7 @@ def _search(run_name: str, model: str, target: str, backends: str | None, trials
                         registered_model or None, _settings(eval_text, window, windows, threads, repeats),
                         calibration_text, experiment, accuracy_only=accuracy_only, screen_windows=screen_windows,
                         prune_margin=prune_margin, run_name=run_name, fidelity=fidelity,
-                        gate_confidence=gate_confidence,
+                        gate_confidence=gate_confidence, coordinate_only=True if coordinate_only else None,
                         backends=[b.strip() for b in (backends or "").split(",") if b.strip()] or None)
     click.echo(f"study {result['study']}: {result['trials']} trials ({result['new_trials']} new), "
                f"{len(result['pareto'])} on the Pareto front")
