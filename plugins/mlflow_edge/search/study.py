@@ -314,6 +314,34 @@ def earlier_twin(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial | None
     return None
 
 
+class GaveWay(Exception):
+    """This trial's configuration is being measured by another worker's trial that sampled it at the same time."""
+
+
+def claim(trial: optuna.Trial) -> None:
+    """Make sure one trial measures a configuration that two workers sampled at the same moment (each excludes the
+    configurations of running trials, but not one whose parameters are still being written): mark this trial as
+    sampled, then give way (:class:`GaveWay`, a FAIL without an ``error``: it never counts as measured) to a running
+    trial with the same parameters that is older or has already claimed them; else claim them."""
+    trial.set_user_attr("sampled", True)
+    rival = concurrent_twin(trial.study, trial)
+    if rival is not None:
+        trial.set_user_attr("gave_way_to", rival.number)
+        raise GaveWay(f"trial {rival.number} of another worker measures the same configuration")
+    trial.set_user_attr("claimed", True)
+
+
+def concurrent_twin(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial | None:
+    """A running trial, other than ``trial``, with its parameters that measures them: sampled, not given way, and
+    older than ``trial`` or already claimed."""
+    for other in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        attrs = other.user_attrs
+        if (other.number != trial.number and other.params == trial.params and "sampled" in attrs
+                and "gave_way_to" not in attrs and (other.number < trial.number or "claimed" in attrs)):
+            return other
+    return None
+
+
 @dataclasses.dataclass
 class Objective:
     """One trial: sample, quantize (cached), screen accuracy on a first slice, measure fully, log, score.
@@ -347,6 +375,7 @@ class Objective:
         twin = earlier_twin(trial.study, trial)
         if twin is not None:
             return self._reuse(trial, twin)
+        claim(trial)
         tags = {**run_tags(self.target, self.study_name, "candidate", [backend]),
                 "mlflow_edge.trial": str(trial.number), "optuna.study": self.study_name}
         try:
