@@ -616,8 +616,9 @@ def run_worker(storage: str, study_name: str, target: str | None = None, timeout
     label = redacted(storage)
     study = _wait_for_study(open_storage(storage), study_name, label, wait_s)
     record = study.user_attrs[COORDINATION_ATTR]
+    _check_joinable(record, study_name, target)
     settings = settings_from_record(record["settings"])
-    _check_joinable(record, study_name, target, settings.speed)
+    _check_measurable(record, study_name, settings.speed)
     experiment = mlflow.get_experiment(record["experiment_id"]).name
     tags = {**run_tags(record["target"], study_name, "worker", record["backends"]),
             "mlflow.parentRunId": record["parent_run_id"], "optuna.study": study_name}
@@ -669,15 +670,11 @@ def _wait_for_study(storage: optuna.storages.BaseStorage, name: str, label: str,
         time.sleep(2.0)
 
 
-def _check_joinable(record: dict[str, Any], name: str, target: str | None, speed: bool) -> None:
-    """Refuse a study this worker would measure differently: another target, a target whose speed this machine
-    cannot measure, another mlflow-edge version or search space."""
+def _check_joinable(record: dict[str, Any], name: str, target: str | None) -> None:
+    """Refuse a study this worker would measure differently: another target, mlflow-edge version or search space."""
     if target is not None and target != record["target"]:
         raise EdgeError(f"study '{name}' searches target '{record['target']}'; this worker was started for "
                         f"'{target}' (use that target's study)")
-    if speed and not is_measurable(record["target"]):
-        raise EdgeError(f"study '{name}' measures speed on target '{record['target']}', which needs "
-                        f"{get_target(record['target']).requires}; this machine lacks it: join from one that has it")
     if record["version"] != __version__:
         raise EdgeError(f"study '{name}' was started by mlflow-edge {record['version']}; this worker runs "
                         f"{__version__}: install the same version to join")
@@ -689,6 +686,13 @@ def _check_joinable(record: dict[str, Any], name: str, target: str | None, speed
     if digest != record["space"]:
         raise EdgeError(f"study '{name}' has search space {record['space']}; this worker's is {digest} (another "
                         "version of a backend or its framework): install the same versions to join")
+
+
+def _check_measurable(record: dict[str, Any], name: str, speed: bool) -> None:
+    """Refuse a study that times its target on a machine that lacks the target's hardware."""
+    if speed and not is_measurable(record["target"]):
+        raise EdgeError(f"study '{name}' measures speed on target '{record['target']}', which needs "
+                        f"{get_target(record['target']).requires}; this machine lacks it: join from one that has it")
 
 
 def _adopt_reference(study: optuna.Study, evaluator: Evaluator, wait_s: float) -> None:
