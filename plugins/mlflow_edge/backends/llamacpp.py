@@ -5,12 +5,18 @@
 - ``quantize``: ``llama_model_quantize`` with every type it offers (``Q2_K`` … ``Q8_0``, ``IQ*``, ``TQ*``), and the
   options of ``llama-quantize``: ``allow_requantize``, ``pure``, ``output_tensor_type``, ``token_embedding_type``,
   ``leave_output_tensor``, and an importance matrix (``imatrix``) computed from calibration text.
+- per-tensor mixed precision: a recipe (:mod:`mlflow_edge.recipes`, ``recipe=<file>``) becomes llama.cpp's tensor
+  type overrides (``llama-quantize --tensor-type``); ``target_bpw`` / ``target_size_mb`` measure each tensor's error at
+  each of ``recipe_types`` once per base (cached), allocate the types within the budget and apply that recipe.
 - ``load``: a :class:`LlamaCppRunner` on the llama.cpp C API (per-position logits, timed greedy generation).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import math
 import os
 import shutil
 import sys
@@ -21,7 +27,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from mlflow_edge import cache, procs
+from mlflow_edge import cache, procs, recipes
 from mlflow_edge.backends.base import Artifact, Generation, OptionSpec, option_bool, typed_options
 from mlflow_edge.errors import EdgeError
 
@@ -29,6 +35,21 @@ CONVERT_PRECISIONS = ("f32", "f16", "bf16", "q8_0")
 # llama-quantize refuses these without an importance matrix
 IMATRIX_REQUIRED = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"})
 _GGUF_NAME = "model.gguf"
+RECIPE_FILE = "recipe.json"
+MIXED = "MIXED"
+"""The precision whose types a recipe decides (its ``default_type`` becomes the file type)."""
+TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+                "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS", "TQ1_0",
+                "TQ2_0", "MXFP4")
+"""ggml tensor types a recipe rule may name (llama.cpp quantizes to them; gguf-py reads them back)."""
+TENSOR_TYPES_NEED_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"})
+DEFAULT_RECIPE_TYPES = "Q3_K,IQ4_XS,IQ4_NL,Q4_K,Q5_K,Q6_K,Q8_0"
+"""Candidate types of a budgeted allocation, 3.4 to 8.5 bits per weight: the k-quants and IQ4 types of llama.cpp's
+own mixtures, and Q8_0. IQ4_NL rather than Q4_0: the same size, a lower error on every SmolLM2 tensor measured, and
+about the same CPU decode speed (both repacked for AVX2). Q4_1, Q5_0 and Q5_1 are left out: on this x86 CPU they
+decode at half Q4_0's speed; llama.cpp still falls back to Q5_0/Q5_1 (and Q8_0) for k-quants on rows whose width is no
+multiple of 256 (SmolLM2's 576), and the table records the type it really wrote."""
+_NOT_WITH_TARGET = ("output_tensor_type", "token_embedding_type", "leave_output_tensor")
 SDIST_SHA256 = {"0.3.36": "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"}
 """sha256 of the llama-cpp-python sdists whose convert_hf_to_gguf.py runs here (pip fetches them hash-pinned)."""
 
@@ -107,6 +128,13 @@ class LlamaCppBackend:
             OptionSpec("output_tensor_type", str, None, help="ggml type for output.weight (e.g. Q8_0)"),
             OptionSpec("token_embedding_type", str, None, help="ggml type for token_embd.weight (e.g. Q8_0)"),
             OptionSpec("nthread", int, 0, help="quantization threads (0: all cores)"),
+            OptionSpec("recipe", str, None, help="a recipe JSON file (tensor pattern -> type, see "
+                       "mlflow_edge.recipes) to apply; with precision MIXED its default_type is the file type"),
+            OptionSpec("target_bpw", float, None, help="per-tensor types chosen from recipe_types by measured "
+                       "sensitivity, within this many bits per weight of the quantized tensors"),
+            OptionSpec("target_size_mb", float, None, help="like target_bpw, within a model file of this many MB"),
+            OptionSpec("recipe_types", str, DEFAULT_RECIPE_TYPES, help="comma-separated candidate ggml types of "
+                       "target_bpw / target_size_mb"),
         )
 
     def versions(self) -> Mapping[str, str]:
@@ -182,58 +210,33 @@ class LlamaCppBackend:
         source: Any = None,
     ) -> Artifact:
         options = typed_options(self.name, self.option_specs(), options)
-        types = quant_types()
         qtype = precision.upper()
-        if qtype not in types:
-            raise EdgeError(f"unknown GGUF quantization type '{precision}' (choose from {', '.join(types)})")
-        use_imatrix = option_bool(options.get("imatrix", False))
-        if qtype in IMATRIX_REQUIRED and not use_imatrix:
-            raise EdgeError(f"{qtype} needs an importance matrix: set llamacpp.imatrix=true "
-                            "(computed from calibration text)")
-        for key in ("output_tensor_type", "token_embedding_type"):
-            if options.get(key):
-                ggml_type_id(options[key])  # validate early
-        if _is_quantized(base) and not option_bool(options.get("allow_requantize", False)):
-            raise EdgeError(f"{base.path.name} is already quantized ({base.precision}); "
-                            "set llamacpp.allow_requantize=true")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        imatrix_path = None
+        mode = _recipe_mode(options, qtype)
+        _check_quantize(base, qtype, options)
+        recipe = self._checked_recipe(base, qtype, options) if mode == "recipe" else None
+        candidates = _candidate_types(options) if mode == "target" else ()
         recorded = {k: v for k, v in options.items() if v not in (None, "", False, 0) or k == "imatrix"}
-        recorded["imatrix"] = use_imatrix
-        if use_imatrix:
-            if calibration is None or source is None:
-                raise EdgeError("an importance matrix needs calibration text and the source model")
-            chunks = int(options.get("imatrix_chunks") or 16)
-            key = {"source": source.sha256, "calibration": calibration.sha256, "chunks": chunks,
-                   "base": base.precision, "version": 1}
-            cached = cache.get_or_build(
-                "imatrix", key, lambda tmp: compute_imatrix(source, base, calibration, tmp / "imatrix.gguf", chunks)
-            )
-            imatrix_path = out_dir / "imatrix.gguf"
-            shutil.copyfile(cached / "imatrix.gguf", imatrix_path)
-            recorded.update({"imatrix_chunks": chunks, "calib.dataset": calibration.label,
-                             "calib.sha256": calibration.sha256})
-        spec = {
-            "input": str(base.path),
-            "output": str(out_dir / (_GGUF_NAME + ".partial")),
-            "ftype": types[qtype],
-            "nthread": int(options.get("nthread") or 0),
-            "allow_requantize": option_bool(options.get("allow_requantize", False)),
-            "pure": option_bool(options.get("pure", False)),
-            "quantize_output_tensor": not option_bool(options.get("leave_output_tensor", False)),
-            "output_tensor_type": _tensor_type(options, "output_tensor_type"),
-            "token_embedding_type": _tensor_type(options, "token_embedding_type"),
-            "imatrix": str(imatrix_path) if imatrix_path else None,
-        }
-        partial = Path(spec["output"])
-        proc = procs.run(
-            [sys.executable, "-m", "mlflow_edge.backends.llamacpp", json.dumps(spec)], capture_output=True, text=True
-        )
-        if proc.returncode != 0 or not partial.is_file():
-            full = _full_disk(out_dir)  # before the partial file goes: llama.cpp only says that it failed
-            partial.unlink(missing_ok=True)
-            raise EdgeError(f"llama.cpp could not quantize to {qtype}: {procs.last_error_line(proc.stderr)}{full}")
-        final = partial.rename(out_dir / _GGUF_NAME)
+        imatrix = _imatrix(base, options, calibration, source, recorded)
+        table = None
+        if mode == "target":  # measured and allocated before anything is written
+            table = sensitivity_table(base, candidates, options, imatrix, calibration, source)
+            recipe = self._allocated_recipe(base, qtype, options, table, candidates, imatrix, calibration, source)
+            recorded.update(recipe_types=",".join(candidates), predicted_bpw=recipe.predicted["bpw"])
+            if recipe.sensitivity["error"] == "fisher":  # data-aware: the calibration text is provenance
+                recorded.update({"calib.dataset": calibration.label, "calib.sha256": calibration.sha256})
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if imatrix is not None:
+            imatrix = _Imatrix(Path(shutil.copyfile(imatrix.path, out_dir / "imatrix.gguf")), imatrix.key)
+        default_type = recipe.default_type if qtype == MIXED else qtype
+        final = _run_quantize(base, out_dir / _GGUF_NAME, default_type, options, imatrix,
+                              recipe.rules if recipe else ())
+        if recipe is not None:  # beside the model, not one of its files (its size and content hash are the GGUF's)
+            recipe.save(out_dir / RECIPE_FILE)
+            recorded["recipe_sha256"] = recipe.digest()
+        if table is not None:
+            table.to_csv(out_dir / "sensitivity.csv", index=False)
+            recipes.plot_sensitivity(table, out_dir / "sensitivity.png",
+                                     title=f"{base.source_name}: predicted error per tensor and type")
         return Artifact(
             path=final,
             backend=self.name,
@@ -245,6 +248,37 @@ class LlamaCppBackend:
             options={**recorded, "base_precision": base.precision},
             files=(final,),
         )
+
+    def _checked_recipe(self, base: Artifact, qtype: str, options: Mapping[str, Any]) -> recipes.Recipe:
+        """The ``recipe`` file, validated against the base GGUF and the options before anything is written."""
+        recipe = recipes.load_recipe(options["recipe"])
+        architecture, names = quantizable_tensors(base.path, not option_bool(options.get("leave_output_tensor", 0)))
+        quantized_types = [t for t in quant_types() if t not in _UNQUANTIZED]
+        recipes.validate_against(recipe, names, architecture, TENSOR_TYPES, self.name, default_types=quantized_types)
+        used = {rule.type for rule in recipe.rules} | {recipe.default_type if qtype == MIXED else qtype}
+        if needs := sorted(used & (TENSOR_TYPES_NEED_IMATRIX | IMATRIX_REQUIRED)):
+            if not option_bool(options.get("imatrix", False)):
+                raise EdgeError(f"the recipe's type {needs[0]} needs an importance matrix: set llamacpp.imatrix=true")
+        return recipe
+
+    def _allocated_recipe(self, base: Artifact, qtype: str, options: Mapping[str, Any], table: Any,
+                          candidates: Sequence[str], imatrix: "_Imatrix | None", calibration: Any,
+                          source: Any) -> recipes.Recipe:
+        """The recipe minimizing the table's predicted error within ``target_bpw`` or ``target_size_mb``."""
+        targets = {k: options[k] for k in ("target_bpw", "target_size_mb") if options.get(k) is not None}
+        fixed = _fixed_bits(base.path, table) if "target_size_mb" in targets else 0
+        budget = recipes.budget_bits(table, **targets, fixed_bits=fixed)
+        allocation = recipes.allocate(table, budget)
+        predicted = {k: float(f"{v:.6g}") for k, v in recipes.predict(table, allocation).items()}
+        architecture = quantizable_tensors(base.path)[0]
+        measured = {"types": list(candidates), "imatrix": imatrix is not None,
+                    "error": "fisher" if calibration is not None and source is not None else "squared",
+                    **({"calib.sha256": calibration.sha256, "chunks": int(options.get("imatrix_chunks") or 16)}
+                       if calibration is not None and source is not None else {})}
+        return recipes.recipe_from_allocation(
+            allocation, backend=self.name, architecture=architecture,
+            default_type=qtype if qtype != MIXED else _default_type(allocation, table),
+            source_sha256=base.source_sha256, budget=targets, predicted=predicted, sensitivity=measured)
 
     # -- load ----------------------------------------------------------------------------------------------------
     def load(self, artifact: Artifact, threads: int, context_tokens: int) -> "LlamaCppRunner":
@@ -274,8 +308,278 @@ def _tensor_type(options: Mapping[str, Any], key: str) -> int | None:
     return ggml_type_id(options[key]) if options.get(key) else None
 
 
+_UNQUANTIZED = frozenset({"F32", "F16", "BF16"})
+
+
 def _is_quantized(artifact: Artifact) -> bool:
-    return artifact.precision.upper() not in {"F32", "F16", "BF16"}
+    return artifact.precision.upper() not in _UNQUANTIZED
+
+
+def _check_quantize(base: Artifact, qtype: str, options: Mapping[str, Any]) -> None:
+    """Refuse, before anything is written, what llama.cpp would refuse or silently ignore."""
+    types = quant_types()
+    if qtype != MIXED and qtype not in types:
+        raise EdgeError(f"unknown GGUF quantization type '{qtype}' (choose from {', '.join(types)}, or {MIXED} "
+                        "with a recipe)")
+    if qtype in IMATRIX_REQUIRED and not option_bool(options.get("imatrix", False)):
+        raise EdgeError(f"{qtype} needs an importance matrix: set llamacpp.imatrix=true "
+                        "(computed from calibration text)")
+    for key in ("output_tensor_type", "token_embedding_type"):
+        if options.get(key):
+            ggml_type_id(options[key])  # validate early
+    if _is_quantized(base) and not option_bool(options.get("allow_requantize", False)):
+        raise EdgeError(f"{base.path.name} is already quantized ({base.precision}); "
+                        "set llamacpp.allow_requantize=true")
+
+
+def _recipe_mode(options: Mapping[str, Any], qtype: str) -> str | None:
+    """``"recipe"`` (a recipe file), ``"target"`` (a budget to allocate) or ``None``; one of them at most."""
+    given = [k for k in ("recipe", "target_bpw", "target_size_mb") if options.get(k) is not None]
+    if len(given) > 1:
+        raise EdgeError(f"give one of llamacpp.recipe, target_bpw and target_size_mb, not {' and '.join(given)}")
+    if not given:
+        if qtype == MIXED:
+            raise EdgeError(f"precision {MIXED} needs llamacpp.recipe=<file>, target_bpw=<bits> or "
+                            "target_size_mb=<MB>")
+        if options.get("recipe_types") is not None:
+            raise EdgeError("llamacpp.recipe_types needs target_bpw or target_size_mb")
+        return None
+    if qtype in _UNQUANTIZED:
+        raise EdgeError(f"{qtype} is not a quantized type: llama.cpp applies per-tensor types only under one "
+                        f"(use {MIXED} or e.g. Q8_0)")
+    key = given[0]
+    if key != "recipe" and not (math.isfinite(options[key]) and options[key] > 0):
+        raise EdgeError(f"llamacpp.{key} must be a positive number, got {options[key]}")
+    if key == "recipe":
+        if options.get("recipe_types") is not None:
+            raise EdgeError("llamacpp.recipe_types needs target_bpw or target_size_mb, not a recipe file")
+        return "recipe"
+    if fixed := [k for k in _NOT_WITH_TARGET if options.get(k)]:
+        raise EdgeError(f"llamacpp.{fixed[0]} cannot be combined with {key}: the allocation chooses every "
+                        "tensor's type (edit its recipe.json and apply that instead)")
+    return "target"
+
+
+def _candidate_types(options: Mapping[str, Any]) -> tuple[str, ...]:
+    """The ``recipe_types`` of an allocation, checked: known ggml types, importance matrix where one is needed."""
+    text = options.get("recipe_types") or DEFAULT_RECIPE_TYPES
+    types = tuple(dict.fromkeys(t.strip().upper() for t in str(text).split(",") if t.strip()))
+    if not types:
+        raise EdgeError("llamacpp.recipe_types names no type")
+    if unknown := [t for t in types if t not in TENSOR_TYPES]:
+        raise EdgeError(f"unknown ggml tensor type in llamacpp.recipe_types: {unknown[0]} "
+                        f"(choose from {', '.join(TENSOR_TYPES)})")
+    needs = [t for t in types if t in TENSOR_TYPES_NEED_IMATRIX]
+    if needs and not option_bool(options.get("imatrix", False)):
+        raise EdgeError(f"recipe type {needs[0]} needs an importance matrix: set llamacpp.imatrix=true")
+    return types
+
+
+@dataclasses.dataclass(frozen=True)
+class _Imatrix:
+    """The importance matrix file a quantization reads, and its cache key."""
+
+    path: Path
+    key: Mapping[str, Any]
+
+
+def _imatrix(base: Artifact, options: Mapping[str, Any], calibration: Any, source: Any,
+             recorded: dict[str, Any]) -> _Imatrix | None:
+    """The cached importance matrix of ``source`` on ``calibration`` when ``imatrix`` is on (its provenance added to
+    ``recorded``), else ``None``."""
+    use = option_bool(options.get("imatrix", False))
+    recorded["imatrix"] = use
+    if not use:
+        return None
+    if calibration is None or source is None:
+        raise EdgeError("an importance matrix needs calibration text and the source model")
+    chunks = int(options.get("imatrix_chunks") or 16)
+    key = {"source": source.sha256, "calibration": calibration.sha256, "chunks": chunks, "base": base.precision,
+           "version": 1}
+    cached = cache.get_or_build(
+        "imatrix", key, lambda tmp: compute_imatrix(source, base, calibration, tmp / "imatrix.gguf", chunks)
+    )
+    recorded.update({"imatrix_chunks": chunks, "calib.dataset": calibration.label, "calib.sha256": calibration.sha256})
+    return _Imatrix(cached / "imatrix.gguf", key)
+
+
+def _run_quantize(base: Artifact, output: Path, default_type: str, options: Mapping[str, Any],
+                  imatrix: _Imatrix | None, rules: Sequence[recipes.Rule] = (), pure: bool | None = None) -> Path:
+    """``llama_model_quantize`` in a child process: ``base`` to ``output`` with file type ``default_type`` and the
+    ``rules`` as tensor type overrides; the file appears only when it is complete."""
+    partial = output.with_name(output.name + ".partial")
+    spec = {
+        "input": str(base.path),
+        "output": str(partial),
+        "ftype": quant_types()[default_type],
+        "nthread": int(options.get("nthread") or 0),
+        "allow_requantize": option_bool(options.get("allow_requantize", False)),
+        "pure": option_bool(options.get("pure", False)) if pure is None else pure,
+        "quantize_output_tensor": not option_bool(options.get("leave_output_tensor", False)),
+        "output_tensor_type": _tensor_type(options, "output_tensor_type"),
+        "token_embedding_type": _tensor_type(options, "token_embedding_type"),
+        "imatrix": str(imatrix.path) if imatrix else None,
+        "tensor_types": [[rule.pattern, ggml_type_id(rule.type)] for rule in rules],
+    }
+    proc = procs.run([sys.executable, "-m", "mlflow_edge.backends.llamacpp"], input=json.dumps(spec),
+                     capture_output=True, text=True)
+    if proc.returncode != 0 or not partial.is_file():
+        full = _full_disk(output.parent)  # before the partial file goes: llama.cpp only says that it failed
+        partial.unlink(missing_ok=True)
+        what = default_type if not rules else f"{default_type} with {len(rules)} tensor type rule(s)"
+        raise EdgeError(f"llama.cpp could not quantize to {what}: {procs.last_error_line(proc.stderr)}{full}")
+    return partial.rename(output)
+
+
+# -- per-tensor sensitivity ------------------------------------------------------------------------------------------
+_NEVER_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid", "altup", "laurel",
+                    "per_layer_model_proj", "position_embd", "token_types", "ssm_conv1d", "shortconv.conv.weight",
+                    "indexer.k_proj.weight", "indexer.q_proj.weight")
+"""Name parts of tensors llama.cpp never quantizes (``tensor_allows_quantization`` in src/llama-quant.cpp)."""
+
+
+def quantizable_tensors(path: Path, quantize_output: bool = True) -> tuple[str, list[str]]:
+    """``general.architecture`` of the GGUF at ``path`` and the names of the tensors llama.cpp quantizes, in file
+    order (2-D or 3-D weights but norms, routers and the few it keeps as they are)."""
+    stat = Path(path).stat()
+    architecture, _, tensors = _gguf_layout(str(path), stat.st_size, stat.st_mtime_ns)
+    names = [name for name, n_dims, _ in tensors
+             if n_dims >= 2 and name.endswith("weight") and not any(p in name for p in _NEVER_QUANTIZED)
+             and (quantize_output or name != "output.weight")]
+    return architecture, names
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_layout(path: str, _size: int, _mtime_ns: int) -> tuple[str, int, tuple[tuple[str, int, int], ...]]:
+    """Architecture, block count and (name, dimensions, bytes) of every tensor of a GGUF file (once per file
+    version)."""
+    reader = _tensor_reader()(path)
+    field = reader.get_field("general.architecture")
+    if field is None:
+        raise EdgeError(f"{path} records no general.architecture")
+    blocks = reader.get_field(f"{field.contents()}.block_count")
+    return (str(field.contents()), int(blocks.contents()) if blocks is not None else 0,
+            tuple((t.name, len(t.shape), int(t.n_bytes)) for t in reader.tensors))
+
+
+@functools.lru_cache(maxsize=1)
+def _tensor_reader() -> type:
+    """``gguf.GGUFReader`` that steps over metadata arrays instead of decoding them item by item (a 49k-token
+    vocabulary takes seconds to decode, and tensors are all a sensitivity measurement reads): those fields hold no
+    values; scalars and strings do. Files of the other byte order are read in full."""
+    import gguf
+
+    class TensorReader(gguf.GGUFReader):
+        def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list, list, list]:
+            if raw_type != gguf.GGUFValueType.ARRAY or self.byte_order != "I":
+                return super()._get_field_parts(orig_offs, raw_type)
+            item_type = gguf.GGUFValueType(int(self._get(orig_offs, np.uint32)[0]))
+            count = int(self._get(orig_offs + 4, np.uint64)[0])
+            offs = orig_offs + 12
+            if item_type == gguf.GGUFValueType.STRING:
+                view = memoryview(self.data)
+                for _ in range(count):
+                    offs += 8 + int.from_bytes(view[offs : offs + 8], sys.byteorder)
+            elif item_type in self.gguf_scalar_to_np:
+                offs += count * np.dtype(self.gguf_scalar_to_np[item_type]).itemsize
+            else:  # arrays of arrays: the ordinary way
+                return super()._get_field_parts(orig_offs, raw_type)
+            return offs - orig_offs, [], [], [gguf.GGUFValueType.ARRAY, item_type]
+
+    return TensorReader
+
+
+def sensitivity_table(base: Artifact, types: Sequence[str], options: Mapping[str, Any], imatrix: _Imatrix | None,
+                      calibration: Any = None, source: Any = None) -> Any:
+    """The sensitivity table of ``base`` (:data:`mlflow_edge.recipes.TABLE_COLUMNS`): every quantizable tensor at the
+    type llama.cpp really writes for each of ``types`` (fallbacks included), its size in bits and its predicted error
+    (:func:`tensor_errors`; weighted by the diagonal Fisher of the source on ``calibration`` when both are given).
+    Measured once per source, base, types, importance matrix and calibration text (cached)."""
+    import pandas as pd
+
+    chunks = int(options.get("imatrix_chunks") or 16)
+    weighted = calibration is not None and source is not None
+    key = {"source": base.source_sha256, "base": base.precision, "base_bytes": base.path.stat().st_size,
+           "types": list(types), "imatrix": dict(imatrix.key) if imatrix else None,
+           "fisher": {"calibration": calibration.sha256, "chunks": chunks} if weighted else None,
+           "allow_requantize": option_bool(options.get("allow_requantize", False)),
+           "llama_cpp_python": require_llama_cpp().__version__, "version": 1}
+
+    def measure(tmp: Path) -> None:
+        fisher = fisher_factors(source, base.path, calibration, chunks) if weighted else None
+        quantized = {kind: _run_quantize(base, tmp / f"{kind}.gguf", "Q8_0", options, imatrix,
+                                         (recipes.Rule(".", kind),), pure=True) for kind in types}
+        tensor_errors(base.path, quantized, fisher).to_csv(tmp / "sensitivity.csv", index=False)
+        for path in quantized.values():
+            path.unlink()
+
+    folder = cache.get_or_build("gguf-sensitivity", key, measure)
+    return pd.read_csv(folder / "sensitivity.csv", dtype={"tensor": str, "type": str})
+
+
+def tensor_errors(base_path: Path, quantized: Mapping[str, Path],
+                  fisher: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]] | None = None) -> Any:
+    """One row per quantizable tensor and real type among the ``quantized`` files: params, bits and predicted error.
+
+    The error of a tensor W quantized to Ŵ is Σ_ij r_i c_j (W - Ŵ)²_ij summed over its ``fisher`` factor pairs
+    (r per row, c per column; :func:`fisher_factors`): twice the KL divergence it adds per token to second order.
+    Without factors (no ``fisher``) it is the plain squared error; a tensor the factors miss gets that times the
+    average over the others of mean(r) · mean(c).
+    """
+    import pandas as pd
+    from gguf.quants import dequantize
+
+    def tensors(path: Path) -> dict[str, Any]:
+        return {t.name: t for t in _tensor_reader()(str(path)).tensors}
+
+    names = quantizable_tensors(base_path)[1]
+    fallback = _mean_factor(fisher) if fisher else 1.0
+    base = tensors(base_path)
+    outputs = [tensors(path) for path in quantized.values()]
+    rows = []
+    for name in names:
+        reference = dequantize(base[name].data, base[name].tensor_type).astype(np.float32, copy=False)
+        for output in outputs:
+            tensor = output[name]
+            squares = np.square(reference - dequantize(tensor.data, tensor.tensor_type).astype(np.float32))
+            error = _weighted_error(squares, (fisher or {}).get(name), fallback)
+            rows.append((name, tensor.tensor_type.name, int(tensor.n_elements), 8 * int(tensor.n_bytes), error))
+    table = pd.DataFrame(rows, columns=list(recipes.TABLE_COLUMNS))
+    return table.drop_duplicates(["tensor", "type"], ignore_index=True)
+
+
+def _weighted_error(squares: np.ndarray, factors: Sequence[tuple[np.ndarray, np.ndarray]] | None,
+                    fallback: float) -> float:
+    shaped = squares.reshape(-1, squares.shape[-1]).astype(np.float64)  # experts' rows one after the other
+    usable = [(r, c) for r, c in factors or () if r.size == shaped.shape[0] and c.size == shaped.shape[1]]
+    if not usable:
+        return float(shaped.sum()) * fallback
+    return float(sum((r.astype(np.float64) @ shaped) @ c.astype(np.float64) for r, c in usable))
+
+
+def _mean_factor(fisher: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]]) -> float:
+    return float(np.mean([float(r.mean()) * float(c.mean()) for pairs in fisher.values() for r, c in pairs]))
+
+
+def _fixed_bits(base_path: Path, table: Any) -> float:
+    """Bits of a quantized file besides the table's tensors: the base file less those tensors, plus a margin for the
+    alignment of each tensor (32 bytes)."""
+    names = set(table["tensor"])
+    stat = base_path.stat()
+    tensors = _gguf_layout(str(base_path), stat.st_size, stat.st_mtime_ns)[2]
+    table_bytes = sum(n_bytes for name, _, n_bytes in tensors if name in names)
+    return 8.0 * (stat.st_size - table_bytes + 32 * len(tensors))
+
+
+def _default_type(allocation: Mapping[str, str], table: Any) -> str:
+    """The file type of a mixed recipe: that of the type holding most parameters (Q8_0 when it is none)."""
+    params = table.drop_duplicates("tensor").set_index("tensor")["params"]
+    held: dict[str, int] = {}
+    for tensor, kind in allocation.items():
+        held[kind] = held.get(kind, 0) + int(params[tensor])
+    kind = max(held, key=lambda k: (held[k], k))
+    ftypes = quant_types()
+    return next((n for n in (kind, f"{kind}_S") if n in ftypes and n not in _UNQUANTIZED), "Q8_0")
 
 
 class LlamaCppRunner:
@@ -409,40 +713,20 @@ def compute_imatrix(source: Any, base: Artifact, calibration: Any, out_path: Pat
     """
     import gguf
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    reader = gguf.GGUFReader(str(base.path))
-    arch_name = reader.get_field("general.architecture").contents()
-    block_count = int(reader.get_field(f"{arch_name}.block_count").contents())
-    gguf_names = {t.name for t in reader.tensors}
-    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
-    name_map = gguf.get_tensor_name_map(arch, block_count)
-
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, use_safetensors=True)
-    model.eval()
-    tokens = tokenizer(calibration.text(), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    n_chunks = min(chunks, len(tokens) // chunk_tokens)
-    if n_chunks < 1:
-        raise EdgeError(f"calibration text {calibration.label} has fewer than {chunk_tokens} tokens")
-
-    sums: dict[str, torch.Tensor] = {}
+    arch_name = quantizable_tensors(base.path)[0]
+    model, tokens, n_chunks = _calibration_model(source, calibration, chunks, chunk_tokens)
+    modules = _matmul_modules(model, base.path)
+    sums: dict[str, Any] = {}
     counts: dict[str, int] = {}
-    hooks = []
-    for module_name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        mapped = name_map.get_name(module_name)
-        tensor_name = f"{mapped}.weight" if mapped else None
-        if tensor_name is None or tensor_name not in gguf_names:
-            continue
 
-        def hook(_module, inputs, _output, name=tensor_name):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
-            sums[name] = sums.get(name, 0) + (x * x).sum(dim=0, dtype=torch.float64)
-            counts[name] = counts.get(name, 0) + x.shape[0]
+    def record(name: str, x: Any) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        sums[name] = sums.get(name, 0) + (x * x).sum(dim=0, dtype=torch.float64)
+        counts[name] = counts.get(name, 0) + x.shape[0]
 
-        hooks.append(module.register_forward_hook(hook))
+    hooks = [module.register_forward_hook(lambda _m, inputs, _o, name=name: record(name, inputs[0]))
+             for name, module in modules.items()]
     with torch.inference_mode():
         for i in range(n_chunks):
             model(tokens[i * chunk_tokens : (i + 1) * chunk_tokens].unsqueeze(0))
@@ -464,6 +748,110 @@ def compute_imatrix(source: Any, base: Artifact, calibration: Any, out_path: Pat
     writer.write_tensors_to_file()
     writer.close()
     return out_path
+
+
+def _calibration_model(source: Any, calibration: Any, chunks: int, chunk_tokens: int) -> tuple[Any, Any, int]:
+    """The source model in ``transformers`` (fp32, eval mode), the calibration tokens and how many whole chunks of
+    ``chunk_tokens`` (at most ``chunks``) they hold."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, use_safetensors=True)
+    model.eval()
+    tokens = tokenizer(calibration.text(), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    n_chunks = min(chunks, len(tokens) // chunk_tokens)
+    if n_chunks < 1:
+        raise EdgeError(f"calibration text {calibration.label} has fewer than {chunk_tokens} tokens")
+    return model, tokens, n_chunks
+
+
+def _matmul_modules(model: Any, base_path: Path) -> dict[str, Any]:
+    """The ``nn.Linear`` modules of ``model`` by the llama.cpp name of their weight in the GGUF at ``base_path``."""
+    import gguf
+    import torch
+
+    stat = base_path.stat()
+    arch_name, block_count, layout = _gguf_layout(str(base_path), stat.st_size, stat.st_mtime_ns)
+    gguf_names = {name for name, _, _ in layout}
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
+    name_map = gguf.get_tensor_name_map(arch, block_count)
+    found = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            mapped = name_map.get_name(module_name)
+            if mapped and f"{mapped}.weight" in gguf_names:
+                found[f"{mapped}.weight"] = module
+    return found
+
+
+def fisher_factors(source: Any, base_path: Path, calibration: Any, chunks: int = 16,
+                   chunk_tokens: int = 512) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """Diagonal Fisher factors of every matmul weight of ``source`` on calibration text, by llama.cpp tensor name:
+    (mean squared output gradient per row, mean squared input per column — the importance matrix), the gradient
+    taken of the log-likelihood of tokens sampled from the model itself (the Fisher of its own distribution, which
+    the KL divergence to it expands into). Token embeddings get (token frequency per row, mean squared gradient per
+    column) for their lookup, plus the output head's pair when they are tied to it."""
+    import torch
+
+    model, tokens, n_chunks = _calibration_model(source, calibration, chunks, chunk_tokens)
+    modules = _matmul_modules(model, base_path)
+    head = model.get_output_embeddings()
+    if "token_embd.weight" in quantizable_tensors(base_path)[1] and "output.weight" not in modules and head is not None:
+        modules["token_embd.weight"] = head  # tied: the embeddings are the output head too
+    stats = _FisherSums()
+    hooks = [h for name, module in modules.items() for h in stats.watch(name, module)]
+    hooks.append(model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: stats.watch_lookup(out)))
+    model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    frequency = torch.ones(vocab, dtype=torch.float64)  # add-one: no row is free
+    for i in range(n_chunks):
+        chunk = tokens[i * chunk_tokens : (i + 1) * chunk_tokens]
+        frequency += torch.bincount(chunk, minlength=vocab).to(torch.float64)
+        logits = model(chunk.unsqueeze(0)).logits[0]
+        sampled = torch.multinomial(torch.softmax(logits.detach(), dim=-1), 1, generator=generator)[:, 0]
+        torch.nn.functional.cross_entropy(logits, sampled, reduction="sum").backward()
+    for handle in hooks:
+        handle.remove()
+    factors = {name: [stats.pair(name)] for name in modules if name in stats.grads}
+    factors.setdefault("token_embd.weight", []).append(
+        ((frequency / frequency.sum()).numpy(), stats.pair("lookup")[0]))
+    return factors
+
+
+class _FisherSums:
+    """Sums of squared inputs and output gradients per module, gathered by hooks."""
+
+    def __init__(self) -> None:
+        self.inputs: dict[str, Any] = {}
+        self.grads: dict[str, Any] = {}
+        self.rows: dict[str, int] = {}
+
+    def _add(self, table: dict[str, Any], name: str, value: Any) -> None:
+        import torch
+
+        value = value.detach().reshape(-1, value.shape[-1])
+        table[name] = table.get(name, 0) + (value * value).sum(dim=0, dtype=torch.float64)
+        if table is self.grads:
+            self.rows[name] = self.rows.get(name, 0) + value.shape[0]
+
+    def watch(self, name: str, module: Any) -> list[Any]:
+        return [module.register_forward_hook(lambda _m, inputs, _o: self._add(self.inputs, name, inputs[0])),
+                module.register_full_backward_hook(lambda _m, _gi, grads: self._add(self.grads, name, grads[0]))]
+
+    def watch_lookup(self, embedded: Any) -> Any:
+        """Make the embeddings' output part of the graph (the weights are frozen) and record its gradient."""
+        embedded.requires_grad_(True)
+        embedded.register_hook(lambda grad: self._add(self.grads, "lookup", grad))
+        return embedded
+
+    def pair(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(mean squared output gradient per row, mean squared input per column) of one module."""
+        rows = max(self.rows.get(name, 0), 1)
+        columns = self.inputs.get(name)
+        return ((self.grads[name] / rows).numpy(),
+                (columns / rows).numpy() if columns is not None else np.ones(1))
 
 
 def read_imatrix(path: Path) -> dict[str, np.ndarray]:
@@ -497,6 +885,17 @@ def _quantize_worker(spec: dict[str, Any]) -> int:
     if spec["token_embedding_type"] is not None:
         params.token_embedding_type = spec["token_embedding_type"]
     keep_alive = []
+    if spec.get("tensor_types"):  # llama-quantize --tensor-type PATTERN=TYPE, in order; the first match wins
+        rules = spec["tensor_types"]
+        overrides = (llama_cpp.llama_model_tensor_override * (len(rules) + 1))()
+        for i, (pattern, type_id) in enumerate(rules):
+            encoded = pattern.encode()
+            keep_alive.append(encoded)
+            overrides[i].pattern = encoded
+            overrides[i].type = int(type_id)
+        overrides[len(rules)].pattern = None
+        params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+        keep_alive.append(overrides)
     if spec["imatrix"]:
         entries = read_imatrix(Path(spec["imatrix"]))
         array = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))()
@@ -517,4 +916,4 @@ def _quantize_worker(spec: dict[str, Any]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_quantize_worker(json.loads(sys.argv[1])))
+    sys.exit(_quantize_worker(json.loads(sys.argv[1] if len(sys.argv) > 1 else sys.stdin.read())))
