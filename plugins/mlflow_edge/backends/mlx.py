@@ -24,6 +24,14 @@
   * ``awq_q<bits>_g<group>``: ``mlx_lm.awq`` (activation-aware scaling and clipping per block on calibration text;
     embeddings at ``embed_bits``/``embed_group_size``), for the model types mlx-lm has an AWQ config for; options
     ``n_grid``, ``num_samples``, ``sequence_length``. CPU cost grows with layers × ``n_grid``: minutes for small models.
+  * ``mixed`` with option ``recipe`` (a recipe file, :mod:`mlflow_edge.recipes`): every layer at its rule's type,
+    the others at ``default_type``. Layers are the module paths mlx-lm's quantization predicate sees
+    (``model.layers.0.self_attn.q_proj``, ``model.embed_tokens``, ``lm_head``); types are the uniform precisions
+    above (``q4_g64``, ``mxfp4`` …) and the quantization's ``dtype`` (``float32`` …) for a layer left unquantized;
+    the architecture is ``config.json``'s ``model_type``. The recipe is checked against the base before anything is
+    written. Every ``mixed_*``, ``dynamic_*`` and ``mixed`` artifact carries ``recipe.json``: its per-layer types as
+    mlx-lm reads them back, one exact rule per layer off the most common type (``recipe_sha256`` in its options);
+    applying that file to the same base with the same ``dtype`` and adapter gives the same weight files, byte for byte.
 
   Data-aware methods read ``num_samples`` consecutive windows of ``sequence_length`` tokens of the calibration text
   (tokenized with the source tokenizer) and record ``calib.dataset``/``calib.sha256``. Every quantization takes
@@ -43,6 +51,7 @@ Apple silicon quantize a ``float16`` conversion, or pass ``dtype=float16``, for 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -58,6 +67,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from mlflow_edge import recipes
 from mlflow_edge.backends.base import Artifact, Generation, OptionSpec, typed_options
 from mlflow_edge.errors import EdgeError, first_line
 
@@ -68,6 +78,9 @@ AFFINE_BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 MODES = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}  # mode → (bits, group size), fixed by the format
 RECIPES = ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")
+MIXED = "mixed"
+"""The precision whose layer types a recipe file decides (option ``recipe``)."""
+RECIPE_FILE = "recipe.json"
 DYNAMIC_TARGETS = tuple(f"dynamic_{bpw:g}bpw" for bpw in np.arange(3.0, 8.5, 0.5))  # listed; any target is accepted
 ADAPTER_DIR = "adapters"
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -138,7 +151,7 @@ class Plan:
     """What one precision name asks of mlx-lm."""
 
     precision: str
-    method: str  # "uniform", "recipe", "dynamic" or "awq"
+    method: str  # "uniform", "recipe" (mlx-lm's mixed_*), "dynamic", "awq" or "per_layer" (a recipe file)
     bits: int | None = None
     group_size: int | None = None
     mode: str = "affine"
@@ -155,6 +168,8 @@ def parse_precision(name: str) -> Plan:
         return Plan(text, "uniform", bits, group, text)
     if text in RECIPES:
         return Plan(text, "recipe")
+    if text == MIXED:
+        return Plan(MIXED, "per_layer")
     if match := re.fullmatch(r"dynamic_(\d+(?:\.\d+)?)bpw", text):
         target = float(match.group(1))
         return Plan(f"dynamic_{target:g}bpw", "dynamic", target_bpw=target)
@@ -163,7 +178,7 @@ def parse_precision(name: str) -> Plan:
         _check_bits_and_group(bits, group)
         return Plan(f"{match.group(1) or ''}q{bits}_g{group}", "awq" if match.group(1) else "uniform", bits, group)
     raise EdgeError(f"unknown MLX precision '{name}' (choose from q<bits>_g<group>, {', '.join(quant_modes())}, "
-                    f"{', '.join(RECIPES)}, dynamic_<bpw>bpw, awq_q<bits>_g<group>)")
+                    f"{', '.join(RECIPES)}, dynamic_<bpw>bpw, awq_q<bits>_g<group>, {MIXED} with a recipe)")
 
 
 def _check_bits_and_group(bits: int, group: int) -> None:
@@ -388,6 +403,83 @@ def adapter_sha256(adapter_dir: Path) -> str:
     return cache.sha256_file(Path(adapter_dir) / ADAPTER_WEIGHTS)
 
 
+# -- per-layer recipes -----------------------------------------------------------------------------------------------
+def layer_types(dtype: str) -> dict[str, dict[str, Any] | bool]:
+    """The types a recipe may name, as mlx-lm's per-layer quantization entries: every uniform precision this mlx
+    quantizes (``q<bits>_g<group>`` and the microscaling modes) and ``dtype``, a layer left unquantized (``False``)."""
+    types: dict[str, dict[str, Any] | bool] = {
+        f"q{bits}_g{group}": {"group_size": group, "bits": bits, "mode": "affine"}
+        for bits in affine_bits() for group in group_sizes()}
+    types.update({mode: {"group_size": MODES[mode][1], "bits": MODES[mode][0], "mode": mode} for mode in quant_modes()})
+    return {**types, dtype: False}
+
+
+def _type_name(entry: Mapping[str, Any]) -> str:
+    """The type of one mlx-lm quantization entry (``{"group_size", "bits", "mode"}``)."""
+    mode = entry.get("mode", "affine")
+    return f"q{int(entry['bits'])}_g{int(entry['group_size'])}" if mode == "affine" else mode
+
+
+def read_recipe(path: str | Path) -> recipes.Recipe:
+    """The recipe file ``path`` with its types in this backend's lower-case names (``load_recipe`` upper-cases them,
+    as ggml names are): the canonical form whose digest an artifact records."""
+    recipe = recipes.load_recipe(path)
+    rules = tuple(recipes.Rule(rule.pattern, rule.type.lower()) for rule in recipe.rules)
+    return dataclasses.replace(recipe, default_type=recipe.default_type.lower(), rules=rules)
+
+
+def quantizable_layers(model: Any) -> dict[str, int]:
+    """Input width of every layer mlx-lm's quantization visits (leaf modules with ``to_quantized``), by the module
+    path its predicate sees, in the order it visits them."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    leaves = tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+    return {path: module.weight.shape[-1] for path, module in leaves
+            if hasattr(module, "to_quantized") and "weight" in module}
+
+
+def check_recipe(recipe: recipes.Recipe, widths: Mapping[str, int], architecture: str, dtype: str) -> None:
+    """Refuse, in one line, a recipe that does not fit the model whose quantizable layers have ``widths``: another
+    backend or architecture, a pattern matching no layer, a type this mlx lacks, a float type other than ``dtype``,
+    a group size that does not divide a layer it is given to, or no layer quantized."""
+    types = layer_types(dtype)
+    recipes.validate_against(recipe, list(widths), architecture, tuple(dict.fromkeys((*types, *CONVERT_PRECISIONS))),
+                             MLXBackend.name)
+    for kind in (recipe.default_type, *(rule.type for rule in recipe.rules)):
+        if kind not in types:
+            raise EdgeError(f"the recipe's type {kind} would leave layers at {kind}, but this quantization keeps "
+                            f"unquantized layers at {dtype} (set dtype={kind}, or name {dtype})")
+    assigned = {name: types[recipe.type_of(name)] for name in widths}
+    for name, entry in assigned.items():
+        if entry and widths[name] % entry["group_size"]:
+            raise EdgeError(f"the recipe's type {recipe.type_of(name)} does not divide layer {name} "
+                            f"({widths[name]} wide)")
+    if not any(assigned.values()):
+        raise EdgeError(f"the recipe leaves every layer unquantized ({dtype})")
+
+
+def extract_recipe(folder: Path, layers: Sequence[str], source_sha256: str | None = None) -> recipes.Recipe:
+    """The type of each of ``layers`` in the quantized MLX ``folder``, as mlx-lm's loader reads it back (the layer's
+    entry in ``config.json``'s ``quantization``; else the model-wide setting when the weights hold its scales; else
+    unquantized, at its weight's dtype), as one exact rule per layer that differs from the most common type."""
+    config = json.loads((folder / "config.json").read_text())
+    quantization = config.get("quantization") or {}
+    tensors = {key: entry for file in weight_files(folder) for key, entry in _safetensors_header(file).items()}
+
+    def type_of(name: str) -> str:
+        entry = quantization.get(name, quantization if f"{name}.scales" in tensors else False)
+        if entry:
+            return _type_name(entry)
+        return _SAFETENSORS_DTYPES.get(tensors[f"{name}.weight"]["dtype"], tensors[f"{name}.weight"]["dtype"])
+
+    kinds = {name: type_of(name) for name in layers}
+    default = collections.Counter(kinds.values()).most_common(1)[0][0]
+    return recipes.recipe_from_allocation({name: kind for name, kind in kinds.items() if kind != default},
+                                          backend=MLXBackend.name, architecture=str(config["model_type"]),
+                                          default_type=default, source_sha256=source_sha256)
+
+
 # -- the backend -----------------------------------------------------------------------------------------------------
 class MLXBackend:
     """MLX folders through mlx-lm: conversion, affine/microscaling/mixed/dynamic/AWQ quantization, the MLX runtime."""
@@ -411,12 +503,14 @@ class MLXBackend:
 
     def quantize_precisions(self) -> Sequence[str]:
         uniform = [f"q{b}_g{g}" for b in affine_bits() for g in group_sizes()]
-        return (*uniform, *quant_modes(), *RECIPES, *DYNAMIC_TARGETS, *(f"awq_{name}" for name in uniform))
+        return (*uniform, *quant_modes(), *RECIPES, *DYNAMIC_TARGETS, *(f"awq_{name}" for name in uniform), MIXED)
 
     def option_specs(self) -> Sequence[OptionSpec]:
         return (
             OptionSpec("q_group_size", int, None, choices=GROUP_SIZES,
                        help="mixed_* recipes: group size (mlx-lm --q-group-size; default 64)"),
+            OptionSpec("recipe", str, None, help=f"{MIXED}: a recipe JSON file (layer pattern -> q<bits>_g<group>, a "
+                       "mode, or the dtype for unquantized; see mlflow_edge.recipes)"),
             OptionSpec("dtype", str, None, choices=CONVERT_PRECISIONS,
                        help="float type of the unquantized parameters and scales (default: the base's)"),
             OptionSpec("low_bits", int, None, help="dynamic_*: bits of the less sensitive layers (default 4)"),
@@ -503,17 +597,22 @@ class MLXBackend:
         folder = Path(base.path)
         config = check_folder(folder)
         settings.setdefault("dtype", folder_precision(folder, config))
-        _check_layers(folder, plan, settings)
+        recipe = read_recipe(settings["recipe"]) if plan.method == "per_layer" else None
+        layers = _check_layers(folder, plan, settings, recipe)
         adapter = Path(settings["adapter_path"]) if settings.get("adapter_path") else None
         if adapter is not None:
             check_adapter(adapter, folder)
         recorded = _recorded(plan, settings, adapter)
-        data = None
+        data: Any = recipe  # what the method reads: the recipe, or calibration windows
         if plan.method in ("dynamic", "awq"):
             data = _calibration_windows(calibration, folder, settings["num_samples"], settings["sequence_length"])
             recorded.update({"calib.dataset": calibration.label, "calib.sha256": calibration.sha256})
         with _writing_into(Path(out_dir)) as staging:
             _quantize_into(staging, folder, plan, settings, adapter, data)
+            if plan.method in _PER_LAYER_METHODS:
+                written = extract_recipe(staging, list(layers), base.source_sha256)
+                written.save(staging / RECIPE_FILE)
+                recorded["recipe_sha256"] = written.digest()
         return self._artifact(Path(out_dir), plan.precision, base.source_name, base.source_sha256,
                               base.num_parameters, {**recorded, "base_precision": base.precision})
 
@@ -551,9 +650,13 @@ _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "dynamic": {"low_bits": 4, "low_group_size": 64, "high_bits": 5, "high_group_size": 64, "num_samples": 8,
                 "sequence_length": 128},
     "awq": {"embed_bits": 4, "embed_group_size": 32, "n_grid": 20, "num_samples": 8, "sequence_length": 128},
+    "per_layer": {},
 }
 _METHOD_OPTIONS = {"uniform": (), "recipe": ("q_group_size",), "dynamic": (*_DYNAMIC_OPTIONS, *_DATA_OPTIONS),
-                   "awq": (*_AWQ_OPTIONS, *_DATA_OPTIONS)}
+                   "awq": (*_AWQ_OPTIONS, *_DATA_OPTIONS), "per_layer": ("recipe",)}
+_PER_LAYER_METHODS = ("recipe", "dynamic", "per_layer")
+"""Methods whose weights are a plain quantization of each layer at its own type: their artifacts carry a recipe
+that reproduces them (AWQ rescales the weights first; a recipe of its types would not)."""
 _COMMON_OPTIONS = ("dtype", "adapter_path", "fuse_adapter")
 
 
@@ -561,7 +664,10 @@ def _method_settings(plan: Plan, options: Mapping[str, Any]) -> dict[str, Any]:
     """The options of ``plan``'s method with its defaults; options of another method are refused."""
     allowed = set(_METHOD_OPTIONS[plan.method]) | set(_COMMON_OPTIONS)
     if misplaced := sorted(set(options) - allowed):
-        raise EdgeError(f"{', '.join(misplaced)} do(es) not apply to {plan.precision}")
+        raise EdgeError(f"{', '.join(misplaced)} do(es) not apply to {plan.precision}"
+                        f"{f' (a recipe applies with precision {MIXED})' if 'recipe' in misplaced else ''}")
+    if plan.method == "per_layer" and not options.get("recipe"):
+        raise EdgeError(f"precision {MIXED} needs recipe=<a recipe JSON file>")
     settings = {**_METHOD_DEFAULTS[plan.method], **options}
     for bits, group in (("low_bits", "low_group_size"), ("high_bits", "high_group_size"),
                         ("embed_bits", "embed_group_size")):
@@ -576,6 +682,8 @@ def _method_settings(plan: Plan, options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _group_sizes_used(plan: Plan, settings: Mapping[str, Any]) -> dict[str, int]:
+    if plan.method == "per_layer":
+        return {}  # per layer: check_recipe
     if plan.method == "recipe":
         return {"q_group_size": settings["q_group_size"]}
     if plan.method == "dynamic":
@@ -586,14 +694,16 @@ def _group_sizes_used(plan: Plan, settings: Mapping[str, Any]) -> dict[str, int]
     return groups
 
 
-def _check_layers(folder: Path, plan: Plan, settings: Mapping[str, Any]) -> None:
-    """Before any work: the group sizes divide every quantizable layer, the recipe or AWQ knows the architecture,
-    a dynamic target is within reach."""
+def _check_layers(folder: Path, plan: Plan, settings: Mapping[str, Any],
+                  recipe: recipes.Recipe | None = None) -> dict[str, int]:
+    """Before any work: the group sizes divide every quantizable layer, the recipe fits the model, mlx-lm's recipe or
+    AWQ knows the architecture, a dynamic target is within reach. Returns the widths of the quantizable layers."""
     from mlx_lm.utils import load_model
 
     model, config = _mlx_call(f"load {folder}", lambda: load_model(folder, lazy=True))
-    widths = {name: module.weight.shape[-1] for name, module in model.named_modules()
-              if hasattr(module, "to_quantized") and "weight" in module}
+    widths = quantizable_layers(model)
+    if recipe is not None:
+        check_recipe(recipe, widths, str(config.get("model_type")), settings["dtype"])
     for option, group in _group_sizes_used(plan, settings).items():
         if bad := sorted(name for name, width in widths.items() if width % group):
             raise EdgeError(f"{option} {group} does not divide layer {bad[0]} ({widths[bad[0]]} wide"
@@ -614,6 +724,7 @@ def _check_layers(folder: Path, plan: Plan, settings: Mapping[str, Any]) -> None
             raise EdgeError(f"{plan.precision} is outside the {low:.2f}-{high:.2f} bits per weight that low_bits="
                             f"{settings['low_bits']} and high_bits={settings['high_bits']} reach at dtype "
                             f"{settings['dtype']}")
+    return widths
 
 
 def _recorded(plan: Plan, settings: Mapping[str, Any], adapter: Path | None) -> dict[str, Any]:
@@ -673,7 +784,7 @@ def _quantize_into(staging: Path, folder: Path, plan: Plan, settings: Mapping[st
         model = _fuse_adapter(model)
     model = _cast(model, settings["dtype"])
     quantizers = {"uniform": _quantize_uniform, "recipe": _quantize_recipe, "dynamic": _quantize_dynamic,
-                  "awq": _quantize_awq}
+                  "awq": _quantize_awq, "per_layer": _quantize_per_layer}
     model, config = _mlx_call(f"quantize to {plan.precision}",
                               lambda: quantizers[plan.method](model, config, plan, settings, data))
     _mlx_call(f"save {plan.precision}", lambda: save(staging, folder, model, tokenizer, config))
@@ -694,6 +805,24 @@ def _quantize_recipe(model: Any, config: dict, plan: Plan, settings: Mapping[str
     group = settings["q_group_size"]
     predicate = mixed_quant_predicate_builder(plan.precision, model, group)
     return quantize_model(model, config, group, None, mode="affine", quant_predicate=predicate)
+
+
+def _quantize_per_layer(model: Any, config: dict, plan: Plan, settings: Mapping[str, Any],
+                        recipe: recipes.Recipe) -> tuple:
+    """Each layer at its recipe type (mlx-lm records each as a per-layer entry; unquantized ones are not recorded:
+    mlx-lm's loader finds no scales for them). ``config.json``'s model-wide setting is the default type's, else the
+    first quantized layer's; the group size handed to mlx-lm, which skips layers it does not divide before asking
+    the predicate, is the smallest in use (all are powers of two)."""
+    from mlx_lm.utils import quantize_model
+
+    types = layer_types(settings["dtype"])
+    entries = {name: types[recipe.type_of(name)] for name in quantizable_layers(model)}
+    used = [entry for entry in entries.values() if entry]
+    top = types[recipe.default_type] or used[0]
+    model, config = quantize_model(model, config, min(entry["group_size"] for entry in used), top["bits"],
+                                   mode=top["mode"], quant_predicate=lambda path, _: entries.get(path, False))
+    config["quantization"].update(top)
+    return model, config
 
 
 def _bpw_range(model: Any, settings: Mapping[str, Any]) -> tuple[float, float]:
