@@ -52,18 +52,25 @@ def convert(source: SourceModel, backend: str, precision: str | None = None) -> 
 
 def quantize(source: SourceModel, base: Artifact, precision: str, options: Mapping[str, Any] | None = None,
              calibration: TextSlice | None = None) -> Artifact:
-    """``base`` quantized to ``precision`` with ``options`` (cached by all of those and the calibration text)."""
+    """``base`` quantized to ``precision`` with ``options`` (cached by all of those, the calibration text, and the
+    content of a ``recipe`` file option: an edited recipe is a new artifact)."""
     impl = get_backend(base.backend)
     options = dict(options or {})
     key = {"source": source.sha256, "name": source.name, "base": base.precision, "backend": base.backend,
            "format": impl.format,
            "precision": precision.upper(),
            "options": options, "calibration": calibration.sha256 if calibration else None,
+           "recipe": _file_sha256(options.get("recipe")),
            "versions": impl.versions()}
     return _cached_artifact(
         f"quantize-{base.backend}", key,
         lambda tmp: impl.quantize(base, tmp, precision, options, calibration=calibration, source=source),
     )
+
+
+def _file_sha256(path: Any) -> str | None:
+    """sha256 of the file ``path`` names, ``None`` without one (the backend refuses a path that is no file)."""
+    return cache.sha256_file(Path(path)) if path and Path(path).is_file() else None
 
 
 def content_digest(artifact: Artifact) -> str:

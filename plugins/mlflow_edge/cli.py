@@ -7,6 +7,7 @@ Errors print one line (``mlflow-edge: error: …``) and exit 1, with the MLflow 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -155,21 +156,44 @@ def convert(model: str, backend: str | None, precision: str | None, target: str,
 @main.command()
 @_model
 @_backend
-@click.option("--precision", required=True, help="quantization type in the framework's own name (e.g. Q4_K_M)")
+@click.option("--precision", default=None, callback=_optional_text,
+              help="quantization type in the framework's own name (e.g. Q4_K_M); MIXED (the default with a recipe "
+                   "or a budget): the recipe decides every tensor")
 @click.option("--base-precision", default=None, help="precision quantization starts from (default: the backend's)")
 @click.option("--options", default=None, help="backend options, e.g. 'imatrix=true,pure=true'")
+@click.option("--recipe", default=None, callback=_optional_text,
+              help="per-tensor types from a recipe file (one a budgeted quantization logged, or hand-written)")
+@click.option("--target-bpw", default=None, callback=_optional_float,
+              help="mixed precision per tensor: the recipe of least predicted error at this many bits per weight")
+@click.option("--target-size-mb", default=None, callback=_optional_float,
+              help="mixed precision per tensor: the recipe of least predicted error for this file size (MB)")
 @click.option("--calibration-text", default=None, help="calibration text file (default: built-in slice)")
 @_target
 @click.option("--output-dir", default=None, help="also copy the artifact here")
 @_experiment
 @one_line_errors
-def quantize(model: str, backend: str | None, precision: str, base_precision: str | None, options: str | None,
+def quantize(model: str, backend: str | None, precision: str | None, base_precision: str | None,
+             options: str | None, recipe: str | None, target_bpw: float | None, target_size_mb: float | None,
              calibration_text: str | None, target: str, output_dir: str | None, experiment: str | None) -> None:
     """Quantize a model with the backend's own quantizer and log it as an MLflow model."""
     from mlflow_edge.workflow import run_quantize
 
-    click.echo(run_quantize(model, precision, backend, base_precision, parse_options(options), target, output_dir,
-                            calibration_text, experiment))
+    chosen = _mixed_precision_options(recipe, target_bpw, target_size_mb)
+    if precision is None and not chosen:
+        raise EdgeError("give --precision (e.g. Q4_K_M), or --recipe, --target-bpw or --target-size-mb")
+    click.echo(run_quantize(model, precision or "MIXED", backend, base_precision,
+                            {**parse_options(options), **chosen}, target, output_dir, calibration_text, experiment))
+
+
+def _mixed_precision_options(recipe: str | None, target_bpw: float | None,
+                             target_size_mb: float | None) -> dict[str, Any]:
+    """The backend options of ``quantize``'s mixed-precision flags (at most one of them)."""
+    chosen = {"recipe": str(Path(recipe).resolve()) if recipe else None, "target_bpw": target_bpw,
+              "target_size_mb": target_size_mb}
+    given = {key: value for key, value in chosen.items() if value is not None}
+    if len(given) > 1:
+        raise EdgeError("give one of --recipe, --target-bpw and --target-size-mb")
+    return given
 
 
 @main.command()

@@ -48,9 +48,17 @@ def provenance(artifact: Artifact) -> dict[str, Any]:
 
 def log_artifact_model(artifact: Artifact, name: str = "model", **kwargs: Any) -> ModelInfo:
     """Log ``artifact`` as an MLflow model of its format's flavor in the active run, its provenance in
-    ``Model.metadata``; ``kwargs`` go to the flavor's ``log_model`` (``metadata`` is merged)."""
+    ``Model.metadata`` and the recipe it was made with (if any) under the run's ``recipe/``; ``kwargs`` go to the
+    flavor's ``log_model`` (``metadata`` is merged)."""
+    import mlflow
+
+    from mlflow_edge.recipes import side_files
+
     metadata = {**(kwargs.pop("metadata", None) or {}), METADATA_KEY: provenance(artifact)}
-    return flavor_module(artifact.format).log_model(artifact.path, name=name, metadata=metadata, **kwargs)
+    info = flavor_module(artifact.format).log_model(artifact.path, name=name, metadata=metadata, **kwargs)
+    for file in side_files(artifact.path):  # a recipe and its sensitivity table: readable, editable, re-applicable
+        mlflow.log_artifact(str(file), artifact_path="recipe")
+    return info
 
 
 def artifact_from_model(model_uri: str, dst_path: str | None = None) -> Artifact:
