@@ -1,5 +1,6 @@
 """`mlflow-edge quantize --target-bpw / --recipe` end to end on a real sqlite store: the recipe a budget chose is
-logged beside the model, re-applied from that file (with the same importance matrix) bit-identically, and bad input leaves nothing behind."""
+logged beside the model, re-applied from that file (with the same importance matrix) bit-identically, and bad input
+leaves nothing behind."""
 
 from __future__ import annotations
 
