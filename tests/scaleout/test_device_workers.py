@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,19 +17,10 @@ from optuna.trial import TrialState
 from mlflow_edge.errors import EdgeError
 from mlflow_edge.search.study import COORDINATION_ATTR, run_worker
 from mlflow_edge.targets import is_measurable
+from tests.scaleout.processes import FAST, cli, start
 
 pytestmark = pytest.mark.slow
 
-FAST = ["--window", "64", "--windows", "2", "--repeats", "2", "--threads", "1"]
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from mlflow_edge.cli import main; main()", *args]
-
-
-def _start(args: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(_cli(*args), env=env, cwd=cwd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
 
 
 def _wait_for_text(log: Path, text: str, process: subprocess.Popen, limit_s: float = 300) -> None:
@@ -49,11 +39,11 @@ def device_study(postgres, tracking_server, tiny_source, tmp_path_factory):
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_server, "MLFLOW_REGISTRY_URI": tracking_server}
     env.pop("MLFLOW_EXPERIMENT_ID", None)
     common = ["--model", str(tiny_source.path), "--storage", storage, "--study-name", "device"]
-    coordinator = _start(["search", *common, "--coordinate-only", "--backends", "llamacpp", "--trials", "2",
+    coordinator = start(["search", *common, "--coordinate-only", "--backends", "llamacpp", "--trials", "2",
                           "--gates", "accuracy_retention>=0.5", "--screen-windows", "0", "--registered-model",
                           "device-edge", *FAST], folder / "coordinator.log", env, folder)
     _wait_for_text(folder / "coordinator.log", "no worker for target 'cpu' has joined yet", coordinator)
-    worker = _start(["search", "--worker", *common, "--target", "cpu"], folder / "worker.log", env, folder)
+    worker = start(["search", "--worker", *common, "--target", "cpu"], folder / "worker.log", env, folder)
     codes = [p.wait(timeout=600) for p in (coordinator, worker)]
     logs = {p.stem: p.read_text() for p in folder.glob("*.log")}
     assert codes == [0, 0], "\n".join(f"== {k}\n{v[-3000:]}" for k, v in logs.items())
@@ -90,7 +80,7 @@ def test_a_target_without_hardware_or_worker_waits_visibly_then_fails_in_one_lin
         storage = f"sqlite:///{tmp_path / 'optuna.db'}"
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
         coordinator = subprocess.Popen(
-            _cli("search", "--model", str(tiny_source.path), "--target", "apple-silicon", "--backends", "llamacpp",
+            cli("search", "--model", str(tiny_source.path), "--target", "apple-silicon", "--backends", "llamacpp",
                  "--storage", storage, "--study-name", "mac", "--trials", "2", "--timeout", "20",
                  "--gates", "accuracy_retention>=0.5", "--registered-model", "mac-edge", *FAST),
             env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

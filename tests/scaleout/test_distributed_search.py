@@ -6,9 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import mlflow
 import optuna
@@ -17,22 +15,13 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from mlflow_edge.search.space import counts_as_measured
+from tests.scaleout.processes import FAST, cli, start
 
 pytestmark = pytest.mark.slow
 
 BUDGET = 6
 STUDY = "distributed"
 MODEL_NAME = "distributed-edge"
-FAST = ["--window", "64", "--windows", "2", "--repeats", "2", "--threads", "1"]
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from mlflow_edge.cli import main; main()", *args]
-
-
-def _start(args: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(_cli(*args), env=env, cwd=cwd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
 
 
 def _running_trial_of(study: optuna.Study, pid: int) -> optuna.trial.FrozenTrial | None:
@@ -51,10 +40,10 @@ def distributed(postgres, tracking_server, tiny_source, tmp_path_factory):
            "MLFLOW_EDGE_TRIAL_HEARTBEAT": "2"}
     env.pop("MLFLOW_EXPERIMENT_ID", None)
     common = ["--model", str(tiny_source.path), "--storage", storage, "--study-name", STUDY]
-    coordinator = _start(["search", *common, "--backends", "llamacpp", "--trials", str(BUDGET), "--gates",
+    coordinator = start(["search", *common, "--backends", "llamacpp", "--trials", str(BUDGET), "--gates",
                           "accuracy_retention>=0.5", "--screen-windows", "0", "--registered-model", MODEL_NAME,
                           *FAST], folder / "coordinator.log", env, folder)
-    workers = [_start(["search", "--worker", *common], folder / f"worker{i}.log", env, folder) for i in (1, 2)]
+    workers = [start(["search", "--worker", *common], folder / f"worker{i}.log", env, folder) for i in (1, 2)]
     victim, killed = workers[0], None
     deadline = time.monotonic() + 600
     watcher = optuna.storages.RDBStorage(storage)  # one connection pool for the whole watch
@@ -119,10 +108,10 @@ def test_a_worker_of_another_target_or_without_a_storage_is_refused(distributed,
     study, _, _ = distributed
     storage = postgres.database("optuna_refusals")
     optuna.create_study(storage=storage, study_name=STUDY).set_user_attr("mlflow_edge", {"target": "cpu"})
-    other = subprocess.run(_cli("search", "--worker", "--model", str(tiny_source.path), "--storage", storage,
+    other = subprocess.run(cli("search", "--worker", "--model", str(tiny_source.path), "--storage", storage,
                                 "--study-name", STUDY, "--target", "arm-cpu"), capture_output=True, text=True)
     assert other.returncode == 1
     assert other.stderr.strip() == ("mlflow-edge: error: study 'distributed' searches target 'cpu'; this worker was "
                                     "started for 'arm-cpu' (use that target's study)")
-    no_storage = subprocess.run(_cli("search", "--worker"), capture_output=True, text=True)
+    no_storage = subprocess.run(cli("search", "--worker"), capture_output=True, text=True)
     assert "mlflow-edge: error: --worker needs the coordinator's --storage" in no_storage.stderr

@@ -1,0 +1,21 @@
+"""The scale-out tests' processes: `mlflow-edge` commands in their own sessions (so a test can kill one's group)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+FAST = ["--window", "64", "--windows", "2", "--repeats", "2", "--threads", "1"]
+"""Evaluation settings that keep a trial on the tiny model to seconds."""
+
+
+def cli(*args: str) -> list[str]:
+    """The command line running ``mlflow-edge args…`` with this interpreter."""
+    return [sys.executable, "-c", "from mlflow_edge.cli import main; main()", *args]
+
+
+def start(args: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    """``mlflow-edge args…`` in the background, its output in ``log``."""
+    return subprocess.Popen(cli(*args), env=env, cwd=cwd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
