@@ -15,7 +15,13 @@ def test_parse_options_strips_the_backend_prefix():
     assert parse_options("") == {} and parse_options(None) == {}
 
 
-@pytest.mark.parametrize("spec", ["imatrix", "=true", "a=1,b"])
+def test_an_option_value_may_hold_commas():
+    assert parse_options("llamacpp.recipe_types=Q4_K,Q6_K , Q8_0,imatrix=true,target_bpw=4.5") == {
+        "recipe_types": "Q4_K,Q6_K , Q8_0", "imatrix": "true", "target_bpw": "4.5"}
+    assert parse_options("imatrix=true,b") == {"imatrix": "true,b"}  # the backend refuses that value
+
+
+@pytest.mark.parametrize("spec", ["imatrix", "=true", "=true,a=1", " , imatrix"])
 def test_parse_options_refuses_items_without_a_value(spec):
     with pytest.raises(EdgeError, match="key=value"):
         parse_options(spec)

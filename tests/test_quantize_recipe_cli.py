@@ -1,6 +1,6 @@
 """`mlflow-edge quantize --target-bpw / --recipe` end to end on a real sqlite store: the recipe a budget chose is
-logged beside the model, re-applied from that file (with the same importance matrix) bit-identically, and bad input
-leaves nothing behind."""
+logged beside the model, re-applied from that file alone (it records its importance matrix) bit-identically, and bad
+input leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import mlflow
 import pytest
 from click.testing import CliRunner
 
-from mlflow_edge import cache
+from mlflow_edge import cache, recipes
 from mlflow_edge.cli import main
 from mlflow_edge.flavors import artifact_from_model
 
@@ -27,13 +27,14 @@ def _quantize(*args: str) -> str:
 def test_a_budgeted_recipe_is_logged_and_reapplied_bit_identically(tracking_uri, tiny_source, tmp_path):
     model = str(tiny_source.path)
     first_uri = _quantize("--model", model, "--target-bpw", "4.8",
-                          "--options", "imatrix=true,imatrix_chunks=1")
+                          "--options", "imatrix=true,recipe_types=Q4_K,Q6_K,Q8_0,imatrix_chunks=1")
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "recipe")}
     assert logged == {"recipe/recipe.json", "recipe/sensitivity.csv", "recipe/sensitivity.png"}
     recipe = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="recipe/recipe.json",
                                                       dst_path=str(tmp_path)))
-    second_uri = _quantize("--model", model, "--recipe", str(recipe), "--options", "imatrix=true,imatrix_chunks=1")
+    assert recipes.load_recipe(recipe).sensitivity["types"] == ["Q4_K", "Q6_K", "Q8_0"]
+    second_uri = _quantize("--model", model, "--recipe", str(recipe))  # the recipe brings its importance matrix
     first = artifact_from_model(first_uri, str(tmp_path / "first"))
     second = artifact_from_model(second_uri, str(tmp_path / "second"))
     assert first.precision == second.precision == "MIXED"

@@ -6,6 +6,7 @@ Errors print one line (``mlflow-edge: error: …``) and exit 1, with the MLflow 
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -16,11 +17,15 @@ from mlflow_edge.azureml.cli import azureml
 from mlflow_edge.backends import backend_names
 from mlflow_edge.errors import EdgeError, one_line_errors
 
+_NEXT_OPTION = re.compile(r",(?=\s*[A-Za-z_][\w.]*\s*=)")
+"""A comma that starts the next ``key=value``; other commas belong to the value (``recipe_types=Q4_K,Q6_K``)."""
+
 
 def parse_options(spec: str | None) -> dict[str, str]:
-    """``"imatrix=true,pure=false"`` → ``{"imatrix": "true", "pure": "false"}``."""
+    """``"imatrix=true,pure=false"`` → ``{"imatrix": "true", "pure": "false"}``; a value may hold commas
+    (``"recipe_types=Q4_K,Q6_K,imatrix=true"`` → ``{"recipe_types": "Q4_K,Q6_K", "imatrix": "true"}``)."""
     options: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in (spec or "").split(","))):
+    for item in filter(None, (part.strip() for part in _NEXT_OPTION.split(spec or ""))):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise EdgeError(f"bad option '{item}': use key=value")

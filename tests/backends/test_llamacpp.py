@@ -22,7 +22,7 @@ from mlflow_edge.sources import SourceModel
 pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
-from mlflow_edge.backends.llamacpp import LlamaCppBackend, quant_types, read_imatrix  # noqa: E402
+from mlflow_edge.backends.llamacpp import MIXED, LlamaCppBackend, quant_types, read_imatrix  # noqa: E402
 
 WIDTH = 256
 VOCAB = 49152
@@ -239,7 +239,7 @@ def test_quant_types_cover_llama_quantize() -> None:
     assert expected <= set(types)
     assert types["F32"] == 0 and types["F16"] == 1 and types["Q8_0"] == 7
     assert len(set(types.values())) == len(types)
-    assert set(LlamaCppBackend().quantize_precisions()) == set(types)
+    assert set(LlamaCppBackend().quantize_precisions()) == set(types) | {MIXED}  # MIXED: a recipe decides
 
 
 # -- runner ------------------------------------------------------------------------------------------------------

@@ -109,6 +109,20 @@ def test_applying_the_written_recipe_gives_the_same_bytes(backend: LlamaCppBacke
     assert not (tmp_path / "again" / "sensitivity.csv").exists()  # nothing measured
 
 
+def test_the_recipe_file_alone_brings_its_importance_matrix(backend: LlamaCppBackend, f16: Artifact, mixed: Artifact,
+                                                             tiny_source: SourceModel, tmp_path: Path) -> None:
+    """The recipe records that it was allocated with an importance matrix of 1 chunk: given alone it is re-applied
+    with one; an explicit ``imatrix=false`` still wins (and writes other bytes)."""
+    recipe = str(mixed.path.parent / "recipe.json")
+    assert recipes.load_recipe(recipe).sensitivity["imatrix_chunks"] == 1
+    alone = backend.quantize(f16, tmp_path / "alone", "MIXED", {"recipe": recipe}, calibration=calibration_text(),
+                             source=tiny_source)
+    assert cache.sha256_file(alone.path) == cache.sha256_file(mixed.path)
+    assert alone.options["imatrix"] is True and alone.options["imatrix_chunks"] == 1
+    without = backend.quantize(f16, tmp_path / "without", "MIXED", {"recipe": recipe, "imatrix": "false"})
+    assert without.options["imatrix"] is False and cache.sha256_file(without.path) != cache.sha256_file(mixed.path)
+
+
 def test_a_rule_raises_a_tensor_to_a_higher_type(backend: LlamaCppBackend, f16: Artifact, tmp_path: Path) -> None:
     path = tmp_path / "edited.json"
     path.write_text(json.dumps({

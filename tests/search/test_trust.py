@@ -25,8 +25,11 @@ MODEL_NAME = "tiny-trust-edge"
 
 def test_the_space_lists_every_configuration_once():
     points = enumerate_space(["llamacpp"])
-    assert len(points) == 28 and len({tuple(sorted(p.items())) for p in points}) == 28  # 14 types × imatrix
+    # (14 uniform types + MIXED at 5 budgets) × imatrix
+    assert len(points) == 38 and len({tuple(sorted(p.items())) for p in points}) == 38
     assert {"backend": "llamacpp", "llamacpp.precision": "Q4_K_M", "llamacpp.imatrix": True} in points
+    assert {"backend": "llamacpp", "llamacpp.precision": "MIXED", "llamacpp.target_bpw": 4.5,
+            "llamacpp.imatrix": False} in points
 
 
 def test_every_trial_of_the_distinct_sampler_is_new():
@@ -60,7 +63,7 @@ def test_three_trials_measure_three_configurations(searched):
     _, result, runs = searched
     configs = {(r.data.params["precision"], r.data.params.get("llamacpp.imatrix")) for r in _candidates(runs)}
     assert len(_candidates(runs)) == 3 and len(configs) == 3
-    assert result["distinct_left"] == 28 - 3
+    assert result["distinct_left"] == 38 - 3
 
 
 def test_models_are_stored_for_the_front_only_and_counted(searched):
@@ -109,7 +112,8 @@ def test_a_point_value_that_passes_with_a_failing_lower_bound_is_refused_under_g
     stored = next(r for r in _candidates(runs) if MODEL_URI_TAG in r.data.tags)
     point, low = stored.data.metrics["accuracy_retention"], stored.data.metrics["accuracy_retention_lo"]
     assert low < point
-    between = f"accuracy_retention>={(point + low) / 2!r}"
+    size = stored.data.metrics["size_mb"]  # the stored model is the smallest: larger candidates fail on size
+    between = f"accuracy_retention>={(point + low) / 2!r},size_mb<={size!r}"
     args = ["promote", "--experiment", "mlflow-edge", "--target", "cpu", "--gates", between,
             "--registered-model", "tiny-confidence"]
     refused = CliRunner().invoke(main, [*args, "--gate-confidence", "0.95"])
@@ -124,17 +128,18 @@ def test_an_exhausted_space_stops_the_search_saying_so(tracking_uri, tiny_source
     storage = f"sqlite:///{Path.cwd() / 'optuna.db'}"
     study = optuna.create_study(storage=storage, study_name="exhausted", directions=["minimize"])
     space = enumerate_space(["llamacpp"])
-    choices = {name: list(dict.fromkeys(p[name] for p in space)) for name in space[0]}  # in the backend's order
+    names = dict.fromkeys(name for p in space for name in p)
+    choices = {name: list(dict.fromkeys(p[name] for p in space if name in p)) for name in names}  # backend's order
     for point in space:
         distributions = {k: optuna.distributions.CategoricalDistribution(choices[k]) for k in point}
         study.add_trial(optuna.trial.create_trial(params=point, distributions=distributions, values=[1.0]))
     with pytest.raises(Exception, match="no evaluated candidate runs"):
-        run_search(str(tiny_source.path), trials=30, objectives="min:size_mb", backends=["llamacpp"],
+        run_search(str(tiny_source.path), trials=50, objectives="min:size_mb", backends=["llamacpp"],
                    study_name="exhausted", storage=storage, registered_model=MODEL_NAME,
                    settings=dataclasses.replace(_quick(), windows=2))
     err = capsys.readouterr().err
-    assert "only 0 of the 28 configurations are not measured yet" in err and "0 to run" in err
-    assert len(optuna.load_study(study_name="exhausted", storage=storage).trials) == 28  # nothing measured again
+    assert "only 0 of the 38 configurations are not measured yet" in err and "0 to run" in err
+    assert len(optuna.load_study(study_name="exhausted", storage=storage).trials) == 38  # nothing measured again
 
 
 def _quick():

@@ -233,7 +233,8 @@ class Backend(Protocol):
 
     def starting_points(self) -> Sequence[Mapping[str, Any]]:
         """The framework's usual defaults as :meth:`search_space` parameters (``{"llamacpp.precision": "Q4_K_M",
-        …}``): a new study tries them first, so a search never ends without having seen what users pick by hand."""
+        …}``), and any configuration of its own a new study should see early (llama.cpp's budgeted ``MIXED`` recipe):
+        a new study tries them first, so a search never ends without having seen what users pick by hand."""
         ...
 
     def search_space(self, trial: Any) -> tuple[str, dict[str, Any]]:
