@@ -131,7 +131,16 @@ def sample_recipe() -> Recipe:
     return recipes.recipe_from_allocation(allocation, backend="demo", architecture="llama", default_type="Q4_K_M",
                                           source_sha256="ab" * 32, budget={"target_bpw": 4.8},
                                           predicted={"bits": 1.0e6, "bpw": 4.79, "error": 0.25},
-                                          sensitivity={"types": ["Q4_K", "Q6_K", "Q8_0"]})
+                                          sensitivity={"types": ["Q4_K", "Q6_K", "Q8_0"]},
+                                          settings={"imatrix": True, "imatrix_chunks": 8})
+
+
+def test_settings_complete_the_options_the_user_left_unset() -> None:
+    recipe = sample_recipe()
+    assert recipes.with_settings({}, recipe) == {"imatrix": True, "imatrix_chunks": 8}
+    assert recipes.with_settings({"imatrix": False, "nthread": 2}, recipe) == {
+        "imatrix": False, "imatrix_chunks": 8, "nthread": 2}
+    assert recipes.with_settings({"pure": True}, Recipe("demo", "llama", "Q4_0")) == {"pure": True}
 
 
 def test_a_recipe_from_an_allocation_has_exact_rules() -> None:

@@ -48,7 +48,7 @@ VERSION_KEY = "mlflow_edge_recipe"
 VERSION = 1
 TABLE_COLUMNS = ("tensor", "type", "params", "bits", "error")
 _REQUIRED = ("backend", "architecture", "default_type", "tensor_types")
-_OPTIONAL = ("source_sha256", "budget", "predicted", "sensitivity")
+_OPTIONAL = ("source_sha256", "budget", "predicted", "sensitivity", "settings")
 # Python-only syntax that std::regex (ECMAScript) reads differently or refuses: named groups, lookbehind, inline flags
 _NOT_PORTABLE = re.compile(r"\(\?(?![:=!])")
 
@@ -78,6 +78,9 @@ class Recipe:
     """What the allocation predicted (``bits``, ``bpw``, ``error``)."""
     sensitivity: Mapping[str, Any] | None = None
     """How the sensitivity table was measured (candidate types, importance matrix …)."""
+    settings: Mapping[str, Any] | None = None
+    """The backend options the recipe was applied with that decide the bytes besides the types (llama.cpp's
+    ``imatrix``, NNCF's ``group_size``): re-applying the file alone uses them (:func:`with_settings`)."""
 
     def type_of(self, tensor: str) -> str:
         """The type ``tensor`` gets: the first matching rule's, else the default."""
@@ -157,7 +160,7 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
     rules = _rules(data["tensor_types"], where)
     return Recipe(backend=data["backend"], architecture=data["architecture"], default_type=data["default_type"].upper(),
                   rules=rules, source_sha256=data.get("source_sha256"), budget=data.get("budget"),
-                  predicted=data.get("predicted"), sensitivity=data.get("sensitivity"))
+                  predicted=data.get("predicted"), sensitivity=data.get("sensitivity"), settings=data.get("settings"))
 
 
 def _rules(items: Any, where: str) -> tuple[Rule, ...]:
@@ -388,11 +391,19 @@ def exact_pattern(tensor: str) -> str:
 def recipe_from_allocation(allocation: Mapping[str, str], *, backend: str, architecture: str, default_type: str,
                            source_sha256: str | None = None, budget: Mapping[str, float] | None = None,
                            predicted: Mapping[str, float] | None = None,
-                           sensitivity: Mapping[str, Any] | None = None) -> Recipe:
+                           sensitivity: Mapping[str, Any] | None = None,
+                           settings: Mapping[str, Any] | None = None) -> Recipe:
     """A recipe with one exact, anchored rule per allocated tensor (in the allocation's order)."""
     rules = tuple(Rule(exact_pattern(tensor), kind) for tensor, kind in allocation.items())
     return Recipe(backend=backend, architecture=architecture, default_type=default_type, rules=rules,
-                  source_sha256=source_sha256, budget=budget, predicted=predicted, sensitivity=sensitivity)
+                  source_sha256=source_sha256, budget=budget, predicted=predicted, sensitivity=sensitivity,
+                  settings=settings or None)
+
+
+def with_settings(options: Mapping[str, Any], recipe: Recipe) -> dict[str, Any]:
+    """``options`` completed by the recipe's :attr:`~Recipe.settings` (the options given win): a recipe file applied
+    alone writes the same bytes as the quantization that wrote it."""
+    return {**dict(recipe.settings or {}), **options}
 
 
 # -- the picture ---------------------------------------------------------------------------------------------------
@@ -430,12 +441,11 @@ def _short(names: Iterable[str]) -> list[str]:
 
 
 SIDE_FILES = ("recipe.json", "sensitivity.csv", "sensitivity.png")
-"""Files a quantization may write beside a single-file model to say how it was made (a model folder holds its own)."""
+"""Files a quantization may write beside a model file, or into a model folder, to say how it was made."""
 
 
 def side_files(model_path: str | os.PathLike) -> list[Path]:
-    """The :data:`SIDE_FILES` beside the model file ``model_path`` (none for a model folder: they are inside it)."""
+    """The :data:`SIDE_FILES` beside the model file ``model_path``, or inside the model folder ``model_path``."""
     path = Path(model_path)
-    if path.is_dir():
-        return []
-    return [path.parent / name for name in SIDE_FILES if (path.parent / name).is_file()]
+    folder = path if path.is_dir() else path.parent
+    return [folder / name for name in SIDE_FILES if (folder / name).is_file()]

@@ -36,6 +36,7 @@ from mlflow_edge.backends.openvino import (
 from mlflow_edge.errors import EdgeError
 from mlflow_edge.evaluation.accuracy import log_softmax
 from mlflow_edge.evaluation.data import calibration_text, evaluation_text
+from mlflow_edge.recipes import load_recipe
 from mlflow_edge.sources import SourceModel
 
 WIDTH = 256
@@ -189,7 +190,8 @@ def test_int8_modes(compressed: dict[str, Artifact], f32: Artifact, f16: Artifac
 
 def test_int4_group_size_and_ratio(compressed: dict[str, Artifact]) -> None:
     artifact = compressed["INT4_ASYM"]
-    assert artifact.options == {"group_size": 64, "ratio": 0.8, "base_precision": "f32"}
+    recipe_sha256 = load_recipe(artifact.path / "recipe.json").digest()  # the types NNCF chose per layer
+    assert artifact.options == {"group_size": 64, "ratio": 0.8, "base_precision": "f32", "recipe_sha256": recipe_sha256}
     model = ov.Core().read_model(str(artifact.files[0]))
     int4 = [op for op in model.get_ops() if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.u4
             and op.shape[-1] > 1]

@@ -18,6 +18,27 @@
     windows and the drop is relative by default (``drop_type``), so ``max_drop=0.05`` keeps the quantized IR's
     ``reference perplexity / perplexity`` at or above 0.95 on that text, the project's ``accuracy_retention`` gate
     (measured against the IR before quantization); NNCF reverts the most harmful quantizers until it holds.
+  * ``MIXED`` with option ``recipe`` (a recipe file, :mod:`mlflow_edge.recipes`): every weight at its rule's type,
+    the others at ``default_type``. Recipe patterns match the names of the IR's weight constants, which NNCF keeps
+    through compression, as the PyTorch parameters they came from (``self.model.layers.0.mlp.down_proj.weight``,
+    ``self.model.embed_tokens.weight``: one name per weight, so a tied embedding and output layer are one entry; the
+    same in an f32, f16 or bf16 IR, :func:`layer_name`); types are ``INT8_SYM``, ``INT8_ASYM``,
+    ``INT4_SYM``, ``INT4_ASYM``, ``NF4`` and ``NONE`` (left uncompressed, at the IR's float type); the architecture is
+    the ``model_type`` of the ``config.json`` beside the IR. The recipe is checked against the base before anything is
+    written. It is applied through NNCF's public API: one ``compress_weights`` per mode, with every weight of another
+    type in ``ignored_scope`` (NNCF matches weight constant names there; a weight compressed by an earlier call is no
+    float weight any more and is left alone), 4-bit modes at ``ratio=1``, ``all_layers`` and ``group_size`` /
+    ``group_size_fallback_mode`` (the only other options ``MIXED`` takes), 8-bit modes per output channel.
+    NNCF then records only the last call's arguments in the IR's ``rt_info``.
+  * Every weight-compression artifact whose weights end at more than one of those types (a 4-bit mode keeps
+    ``ratio``'s remainder, and the embeddings unless ``all_layers``, in ``backup_mode`` by its ``sensitivity_metric``)
+    and every ``MIXED`` one carries ``recipe.json`` beside ``openvino_model.xml``: the types read back from the
+    compressed IR (element type of each weight constant, zero point or not), one exact rule per weight off the most
+    common type, ``recipe_sha256`` in its options; not one of the artifact's files, and logged under the run's
+    ``recipe/``, not in the model. Applied to the same base with the same group size options it gives the same
+    ``openvino_model.bin``, byte for byte (an activation-based ``sensitivity_metric`` only ranks the layers). AWQ,
+    scale estimation, GPTQ and LoRA correction change weights and scales beyond their types, so their artifacts carry
+    no recipe (a recipe of their types would not reproduce them).
 
   Data-aware methods (AWQ, scale estimation, GPTQ, LoRA correction, an activation-based ``sensitivity_metric``,
   ``INT8_PTQ``) read the calibration text, tokenized with the source tokenizer into ``subset_size`` windows of
@@ -43,6 +64,8 @@ given; ``convert`` records none):
 
 from __future__ import annotations
 
+import collections
+import json
 import os
 import shutil
 import time
@@ -51,6 +74,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
+from mlflow_edge import recipes
 from mlflow_edge.backends.base import Artifact, Generation, OptionSpec, option_bool, typed_options
 from mlflow_edge.errors import EdgeError
 
@@ -79,6 +103,24 @@ _WEIGHT_OPTIONS = ("ratio", "group_size", "all_layers", "backup_mode", "sensitiv
                    "gptq", "lora_correction")
 _DATA_AWARE = ("awq", "scale_estimation", "gptq", "lora_correction")
 _PTQ_OPTIONS = ("preset", "fast_bias_correction", "max_drop", "drop_type")
+_GROUP_OPTIONS = ("group_size", "group_size_fallback_mode")
+
+MIXED = "MIXED"
+"""The precision whose per-layer types a recipe file decides (option ``recipe``)."""
+RECIPE_FILE = "recipe.json"
+UNCOMPRESSED = "NONE"
+"""The recipe type of a layer left uncompressed, at the IR's float type (NNCF's ``BackupMode.NONE``)."""
+RECIPE_MODES = ("INT8_SYM", "INT8_ASYM", "INT4_SYM", "INT4_ASYM", "NF4")
+"""The NNCF modes a recipe may give a layer: those the compressed IR tells apart by its weight constant alone."""
+RECIPE_TYPES = (*RECIPE_MODES, UNCOMPRESSED)
+# a compressed weight constant's element type, and whether a zero point is subtracted from it -> its NNCF mode
+_ELEMENT_MODES = {("i8", False): "INT8_SYM", ("u8", True): "INT8_ASYM", ("i4", False): "INT4_SYM",
+                  ("u4", True): "INT4_ASYM", ("nf4", False): "NF4"}
+_FLOAT_ELEMENTS = frozenset({"f64", "f32", "f16", "bf16"})
+_WEIGHT_PORTS = {"MatMul": (0, 1), "Gather": (0,)}  # the ops NNCF compresses in an LLM, and their constant inputs
+_DECOMPRESSION_OPS = frozenset({"Convert", "Reshape", "Subtract", "Multiply"})  # data on input 0
+_F16_SUFFIX = "_compressed"
+_PATCHED_PREFIX = "_openvino_orig_"
 
 
 def require_openvino():
@@ -112,7 +154,7 @@ def model_xml(path: Path) -> Path:
 def companion_files(folder: Path) -> list[Path]:
     """Tokenizer and config files beside the IR in ``folder`` (everything a runtime needs but the model files)."""
     found = {p for pattern in _COMPANION_PATTERNS for p in Path(folder).glob(pattern) if p.is_file()}
-    return sorted(p for p in found if p.name not in _NOT_COMPANIONS and p.name not in {MODEL_XML, MODEL_BIN})
+    return sorted(p for p in found if p.name not in _NOT_COMPANIONS | {MODEL_XML, MODEL_BIN, *recipes.SIDE_FILES})
 
 
 def _first_line(exc: BaseException) -> str:
@@ -156,7 +198,7 @@ class OpenVINOBackend:
         return CONVERT_PRECISIONS
 
     def quantize_precisions(self) -> Sequence[str]:
-        return (*compress_modes(), PTQ_PRECISION)
+        return (*compress_modes(), PTQ_PRECISION, MIXED)
 
     def option_specs(self) -> Sequence[OptionSpec]:
         return (
@@ -183,6 +225,8 @@ class OpenVINOBackend:
                        help="INT8_PTQ with accuracy control: largest drop of 1/perplexity on held-out calibration "
                             "text (relative by default: 0.05 keeps accuracy_retention >= 0.95)"),
             OptionSpec("drop_type", str, None, choices=("RELATIVE", "ABSOLUTE"), help="how max_drop is measured"),
+            OptionSpec("recipe", str, None, help=f"{MIXED}: a recipe JSON file (weight constant pattern -> "
+                       f"{', '.join(RECIPE_TYPES)}; see mlflow_edge.recipes)"),
             OptionSpec("device", str, None, help="runtime: CPU, GPU, NPU or AUTO (also NNCF's target device)"),
             OptionSpec("performance_hint", str, None, choices=PERFORMANCE_HINTS, help="runtime: PERFORMANCE_HINT"),
             OptionSpec("inference_precision", str, None, choices=("f32", "f16", "bf16"),
@@ -290,15 +334,16 @@ class OpenVINOBackend:
         if base.precision.lower() not in _FLOAT_PRECISIONS:
             raise EdgeError(f"{base.path.name} is already quantized ({base.precision}); "
                             "quantize an f32/f16/bf16 conversion")
-        if precision == PTQ_PRECISION:
-            if misplaced := sorted(set(options) & set(_WEIGHT_OPTIONS)):
-                raise EdgeError(f"{', '.join(misplaced)} apply to weight compression, not {PTQ_PRECISION}")
-        elif misplaced := sorted(set(options) & set(_PTQ_OPTIONS)):
-            raise EdgeError(f"{', '.join(misplaced)} apply to {PTQ_PRECISION} only, not {precision}")
+        _check_method_options(precision, options)
         runtime = _runtime_options(options)
         nncf = require_nncf()
         ov = require_openvino()
         model = _read_model(base.path)
+        base_folder = model_xml(base.path).parent
+        recipe = _checked_recipe(options["recipe"], model, base_folder) if precision == MIXED else None
+        if recipe is not None:  # its recorded group size where the options leave it unset
+            options = typed_options(self.name, self.option_specs(), recipes.with_settings(options, recipe))
+            _check_method_options(precision, options)
         recorded: dict[str, Any] = {}
         samples: list[dict[str, np.ndarray]] = []
         if precision == PTQ_PRECISION or _needs_data(options):
@@ -307,26 +352,22 @@ class OpenVINOBackend:
             seq_len = int(options.get("calibration_tokens", 128))
             if seq_len < 8:
                 raise EdgeError(f"calibration_tokens must be at least 8, got {seq_len}")
-            tokenizer_folder = Path(source.path) if source is not None else model_xml(base.path).parent
+            tokenizer_folder = Path(source.path) if source is not None else base_folder
             samples = _calibration_samples(model, _token_ids(calibration, tokenizer_folder), seq_len)
             recorded.update({"calibration_tokens": seq_len, "calib.dataset": calibration.label,
                              "calib.sha256": calibration.sha256})
-        try:
-            if precision == PTQ_PRECISION:
-                compressed, method_recorded = _post_training_quantize(nncf, model, options, samples, runtime)
-            else:
-                compressed, method_recorded = _compress_weights(nncf, model, precision, options, samples)
-        except EdgeError:
-            raise
-        except Exception as exc:  # nncf.ValidationError, InvalidGroupSizeError, ParameterNotSupportedError, ...
-            raise EdgeError(f"NNCF cannot quantize {base.source_name} to {precision}: {_first_line(exc)}") from exc
+        compressed, method_recorded = _run_nncf(nncf, model, precision, options, samples, runtime, recipe,
+                                                base.source_name)
         recorded.update(method_recorded)
         recorded.update(runtime)
+        written = _written_recipe(compressed, precision, options, base_folder, base.source_sha256)
         out_dir.mkdir(parents=True, exist_ok=True)
         ov.save_model(compressed, str(out_dir / MODEL_XML), compress_to_fp16=False)  # weights as NNCF left them
-        base_folder = model_xml(base.path).parent
         for file in companion_files(base_folder):
             shutil.copyfile(file, out_dir / file.name)
+        if written is not None:  # beside the IR, not one of the model's files (their sizes and hashes are the IR's)
+            written.save(out_dir / RECIPE_FILE)
+            recorded["recipe_sha256"] = written.digest()
         return self._artifact(out_dir, precision, base.source_name, base.source_sha256, base.num_parameters,
                               {**recorded, "base_precision": base.precision})
 
@@ -441,14 +482,61 @@ def _calibration_samples(model: Any, token_ids: Sequence[int], seq_len: int) -> 
     return samples
 
 
-def _compress_weights(nncf: Any, model: Any, mode: str, options: Mapping[str, Any],
-                      samples: list[dict[str, np.ndarray]]) -> tuple[Any, dict[str, Any]]:
-    kwargs: dict[str, Any] = {"mode": nncf.CompressWeightsMode[mode]}
+def _run_nncf(nncf: Any, model: Any, precision: str, options: Mapping[str, Any],
+              samples: list[dict[str, np.ndarray]], runtime: Mapping[str, str], recipe: recipes.Recipe | None,
+              source_name: str) -> tuple[Any, dict[str, Any]]:
+    """``model`` quantized by NNCF the way ``precision`` says, and the options that decided it; one line on failure."""
+    try:
+        if precision == PTQ_PRECISION:
+            return _post_training_quantize(nncf, model, options, samples, runtime)
+        if precision == MIXED:
+            return _apply_recipe(nncf, model, recipe, options)
+        return _compress_weights(nncf, model, precision, options, samples)
+    except EdgeError:
+        raise
+    except Exception as exc:  # nncf.ValidationError, InvalidGroupSizeError, ParameterNotSupportedError, ...
+        raise EdgeError(f"NNCF cannot quantize {source_name} to {precision}: {_first_line(exc)}") from exc
+
+
+def _check_method_options(precision: str, options: Mapping[str, Any]) -> None:
+    """Refuse options of another method: weight compression's with ``INT8_PTQ``, PTQ's with weight compression,
+    ``recipe`` without :data:`MIXED`, and with it anything but the group size and runtime options."""
+    if "recipe" in options and precision != MIXED:
+        raise EdgeError(f"recipe applies with precision {MIXED}, not {precision}")
+    if precision == MIXED:
+        if not options.get("recipe"):
+            raise EdgeError(f"precision {MIXED} needs recipe=<a recipe JSON file>")
+        if misplaced := sorted(set(options) - {"recipe", *_GROUP_OPTIONS, *RUNTIME_OPTIONS}):
+            raise EdgeError(f"{', '.join(misplaced)} do(es) not apply to {MIXED}: the recipe decides every layer's "
+                            "type, data-free")
+    elif precision == PTQ_PRECISION:
+        if misplaced := sorted(set(options) & set(_WEIGHT_OPTIONS)):
+            raise EdgeError(f"{', '.join(misplaced)} apply to weight compression, not {PTQ_PRECISION}")
+    elif misplaced := sorted(set(options) & set(_PTQ_OPTIONS)):
+        raise EdgeError(f"{', '.join(misplaced)} apply to {PTQ_PRECISION} only, not {precision}")
+
+
+def _group_arguments(nncf: Any, options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``compress_weights`` arguments of the group size options, and their recorded values."""
+    kwargs: dict[str, Any] = {}
     recorded: dict[str, Any] = {}
-    if "ratio" in options:
-        kwargs["ratio"] = recorded["ratio"] = float(options["ratio"])
     if "group_size" in options:
         kwargs["group_size"] = recorded["group_size"] = int(options["group_size"])
+    if "group_size_fallback_mode" in options:
+        from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
+
+        fallback = _enum_name(GroupSizeFallbackMode, "group_size_fallback_mode", options["group_size_fallback_mode"])
+        kwargs["advanced_parameters"] = AdvancedCompressionParameters(group_size_fallback_mode=fallback)
+        recorded["group_size_fallback_mode"] = fallback.name
+    return kwargs, recorded
+
+
+def _compress_weights(nncf: Any, model: Any, mode: str, options: Mapping[str, Any],
+                      samples: list[dict[str, np.ndarray]]) -> tuple[Any, dict[str, Any]]:
+    kwargs, recorded = _group_arguments(nncf, options)
+    kwargs["mode"] = nncf.CompressWeightsMode[mode]
+    if "ratio" in options:
+        kwargs["ratio"] = recorded["ratio"] = float(options["ratio"])
     for name in ("all_layers", *_DATA_AWARE):
         if name in options:
             kwargs[name] = recorded[name] = option_bool(options[name])
@@ -459,12 +547,6 @@ def _compress_weights(nncf: Any, model: Any, mode: str, options: Mapping[str, An
         metric = options["sensitivity_metric"]
         kwargs["sensitivity_metric"] = _enum_name(nncf.SensitivityMetric, "sensitivity_metric", metric)
         recorded["sensitivity_metric"] = kwargs["sensitivity_metric"].name
-    if "group_size_fallback_mode" in options:
-        from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
-
-        fallback = _enum_name(GroupSizeFallbackMode, "group_size_fallback_mode", options["group_size_fallback_mode"])
-        kwargs["advanced_parameters"] = AdvancedCompressionParameters(group_size_fallback_mode=fallback)
-        recorded["group_size_fallback_mode"] = fallback.name
     if samples:
         subset = int(options.get("subset_size", 128))
         kwargs["dataset"] = nncf.Dataset(samples[:subset])
@@ -519,6 +601,121 @@ def _inverse_perplexity(compiled_model: Any, validation_data: Any) -> tuple[floa
         counts.append(len(targets))
     per_window = [float(np.exp(s / c)) for s, c in zip(sums, counts)]
     return float(np.exp(sum(sums) / sum(counts))), per_window
+
+
+# -- per-layer recipes -----------------------------------------------------------------------------------------------
+def layer_types(model: Any) -> dict[str, str]:
+    """The recipe type of every weight NNCF compresses in ``model`` (a matrix constant on a MatMul input or the data of
+    an embedding Gather), by layer name (:func:`_weights`), in graph order: :data:`UNCOMPRESSED` while float, else the
+    mode its compressed constant says (element type, and a zero point or not); a tied weight is one entry."""
+    return {layer: kind for layer, (_, kind) in _weights(model).items()}
+
+
+def _weights(model: Any) -> dict[str, tuple[str, str]]:
+    """Layer name (:func:`layer_name`) -> (weight constant name, recipe type); NNCF's ``ignored_scope`` takes the
+    constant's own name."""
+    weights: dict[str, tuple[str, str]] = {}
+    for op in model.get_ordered_ops():
+        for port in _WEIGHT_PORTS.get(op.get_type_name(), ()):
+            if found := _weight_type(op.input_value(port)):
+                weights.setdefault(layer_name(found[0]), found)
+    return weights
+
+
+def layer_name(constant: str) -> str:
+    """The PyTorch parameter a weight constant was exported from (``self.model.layers.0.mlp.down_proj.weight``), so a
+    recipe names the weights of an f32, f16 or bf16 IR alike: the constant's name without the ``_compressed`` that
+    OpenVINO appends to the constants it stores in f16, nor the ``_openvino_orig_`` prefix under which the PyTorch
+    frontend keeps 16-bit weights (``down_proj._openvino_orig_weight``)."""
+    module, dot, attribute = constant.removesuffix(_F16_SUFFIX).rpartition(".")
+    return module + dot + attribute.removeprefix(_PATCHED_PREFIX)
+
+
+def _weight_type(value: Any) -> tuple[str, str] | None:
+    """(constant name, recipe type) of the weight behind an op input, through NNCF's decompression subgraph
+    (``Convert``, ``Subtract`` of the zero point, ``Multiply`` by the scale, ``Reshape`` of the groups); ``None`` when
+    no weight is behind it."""
+    node, zero_point, scaled = value.get_node(), False, False
+    while node.get_type_name() in _DECOMPRESSION_OPS:
+        zero_point |= node.get_type_name() == "Subtract"
+        scaled |= node.get_type_name() == "Multiply"
+        node = node.input_value(0).get_node()
+    if node.get_type_name() != "Constant":
+        return None
+    element, shape = node.get_output_element_type(0).get_type_name(), list(node.get_output_shape(0))
+    if scaled and element not in _FLOAT_ELEMENTS:
+        return node.get_friendly_name(), _ELEMENT_MODES.get((element, zero_point), element.upper())
+    if not scaled and element in _FLOAT_ELEMENTS and len(shape) >= 2 and min(shape[-2:]) > 1:
+        return node.get_friendly_name(), UNCOMPRESSED
+    return None
+
+
+def ir_architecture(folder: Path) -> str | None:
+    """The ``model_type`` of the ``config.json`` that optimum-intel writes beside the IR (``None`` without one)."""
+    try:
+        return str(json.loads((Path(folder) / "config.json").read_text())["model_type"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def extract_recipe(model: Any, architecture: str, source_sha256: str | None = None,
+                   settings: Mapping[str, Any] | None = None) -> recipes.Recipe:
+    """The per-layer types of the compressed ``model`` (:func:`layer_types`) as a recipe: one exact rule per layer
+    whose type differs from the most common one, the default; ``settings``: the group size options it was made with."""
+    kinds = layer_types(model)
+    default = collections.Counter(kinds.values()).most_common(1)[0][0]
+    return recipes.recipe_from_allocation({name: kind for name, kind in kinds.items() if kind != default},
+                                          backend=OpenVINOBackend.name, architecture=architecture,
+                                          default_type=default, source_sha256=source_sha256, settings=settings)
+
+
+def _checked_recipe(path: str, model: Any, folder: Path) -> recipes.Recipe:
+    """The recipe file ``path``, validated against the float IR ``model`` before anything is written."""
+    recipe = recipes.load_recipe(path)
+    architecture = ir_architecture(folder)
+    if architecture is None:
+        raise EdgeError(f"no config.json with a model_type beside {model_xml(folder)}: a recipe needs the architecture")
+    layers = list(layer_types(model))
+    recipes.validate_against(recipe, layers, architecture, RECIPE_TYPES, OpenVINOBackend.name)
+    if all(recipe.type_of(name) == UNCOMPRESSED for name in layers):
+        raise EdgeError(f"the recipe leaves every layer uncompressed ({UNCOMPRESSED})")
+    return recipe
+
+
+def _apply_recipe(nncf: Any, model: Any, recipe: recipes.Recipe,
+                  options: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Every layer at its recipe type: one ``compress_weights`` per mode, with every other layer in its
+    ``ignored_scope`` (a layer compressed by an earlier call is no float weight any more: NNCF leaves it alone);
+    4-bit modes at ``ratio=1``, ``all_layers`` and the group size options, 8-bit ones per channel."""
+    weights = _weights(model)
+    wanted = {layer: recipe.type_of(layer) for layer in weights}
+    group_kwargs, recorded = _group_arguments(nncf, options)
+    for mode in (m for m in RECIPE_MODES if m in wanted.values()):
+        others = [weights[layer][0] for layer, kind in wanted.items() if kind != mode]
+        kwargs: dict[str, Any] = {"mode": nncf.CompressWeightsMode[mode],
+                                  "ignored_scope": nncf.IgnoredScope(names=others)}
+        if not mode.startswith("INT8"):
+            kwargs.update(ratio=1.0, all_layers=True, **group_kwargs)
+        model = nncf.compress_weights(model, **kwargs)
+    for name, kind in layer_types(model).items():
+        if kind != wanted.get(name, kind):
+            raise EdgeError(f"NNCF left layer {name} at {kind}, not the recipe's {wanted[name]}")
+    return model, {"recipe": str(options["recipe"]), **recorded}
+
+
+def _written_recipe(model: Any, precision: str, options: Mapping[str, Any], folder: Path,
+                    source_sha256: str) -> recipes.Recipe | None:
+    """The recipe an artifact carries: its layers' types when they are more than one (a 4-bit mode keeps some in
+    ``backup_mode``) or came from a recipe, all of them :data:`RECIPE_TYPES`, and the architecture known. None after
+    a method that changes the weights beyond their types (AWQ, scale estimation, GPTQ, LoRA correction): a recipe
+    of its types would not reproduce it."""
+    if precision == PTQ_PRECISION or any(option_bool(options.get(name, False)) for name in _DATA_AWARE):
+        return None
+    kinds = set(layer_types(model).values())
+    architecture = ir_architecture(folder)
+    if not kinds <= set(RECIPE_TYPES) or architecture is None or (len(kinds) < 2 and precision != MIXED):
+        return None
+    return extract_recipe(model, architecture, source_sha256, {k: options[k] for k in _GROUP_OPTIONS if k in options})
 
 
 # -- runtime -------------------------------------------------------------------------------------------------------

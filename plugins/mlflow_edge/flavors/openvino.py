@@ -2,7 +2,8 @@
 
 The model directory holds a folder ``model/`` (the flavor config's ``data``) with the IR (``openvino_model.xml`` /
 ``.bin``, the ``model_files``) and the tokenizer and configs exported beside it, the loader code under ``code/`` and
-MLflow's own ``MLmodel`` and environment files. Two flavors are written:
+MLflow's own ``MLmodel`` and environment files. The ``recipe.json`` of a mixed-precision IR is no part of the model
+(:func:`mlflow_edge.flavors.log_artifact_model` logs it under the run's ``recipe/``). Two flavors are written:
 
 ``openvino``
     loads back as an optimum-intel ``OVModelForCausalLM`` (:func:`load_model`, needs ``optimum-intel``); its config
