@@ -114,7 +114,7 @@ def test_the_recipe_file_alone_brings_its_importance_matrix(backend: LlamaCppBac
     """The recipe records that it was allocated with an importance matrix of 1 chunk: given alone it is re-applied
     with one; an explicit ``imatrix=false`` still wins (and writes other bytes)."""
     recipe = str(mixed.path.parent / "recipe.json")
-    assert recipes.load_recipe(recipe).sensitivity["imatrix_chunks"] == 1
+    assert recipes.load_recipe(recipe).settings == {"imatrix": True, "imatrix_chunks": 1}
     alone = backend.quantize(f16, tmp_path / "alone", "MIXED", {"recipe": recipe}, calibration=calibration_text(),
                              source=tiny_source)
     assert cache.sha256_file(alone.path) == cache.sha256_file(mixed.path)

@@ -28,7 +28,7 @@ def test_the_space_lists_every_configuration_once():
     # (14 uniform types + MIXED at 5 budgets) × imatrix
     assert len(points) == 38 and len({tuple(sorted(p.items())) for p in points}) == 38
     assert {"backend": "llamacpp", "llamacpp.precision": "Q4_K_M", "llamacpp.imatrix": True} in points
-    assert {"backend": "llamacpp", "llamacpp.precision": "MIXED", "llamacpp.target_bpw": 4.5,
+    assert {"backend": "llamacpp", "llamacpp.precision": "MIXED", "llamacpp.target_bpw": 6.0,
             "llamacpp.imatrix": False} in points
 
 

@@ -52,9 +52,13 @@ multiple of 256 (SmolLM2's 576), and the table records the type it really wrote.
 SEARCH_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_1", "Q5_K_S",
                 "Q5_K_M", "Q6_K", "Q8_0")
 """The uniform types (llama.cpp's own mixtures) the search samples."""
-SEARCH_BUDGETS_BPW = (4.0, 4.5, 5.0, 5.5, 6.0)
-"""Bits per weight the search samples for a :data:`MIXED` recipe: the sizes of Q3_K_M to Q5_K_M / Q6_K, where the
-uniform types' mixtures leave most to choose."""
+SEARCH_BUDGETS_BPW = (4.5, 5.0, 5.5, 6.0, 6.5)
+"""Bits per weight (of the quantized tensors) the search samples for a :data:`MIXED` recipe: from Q4_0's size to
+between Q6_K and Q8_0, where the gates of a real evaluation usually fall."""
+MIXED_START_BPW = 6.0
+"""The budget of the mixed recipe a new study tries first: between Q5_K_M and Q6_K on models whose rows are multiples
+of 256, and just under Q4_K_M on SmolLM2 (6.16 bits per quantized weight there: its 576-wide rows make the k-quants
+fall back to Q5_0 / Q5_1)."""
 _NOT_WITH_TARGET = ("output_tensor_type", "token_embedding_type", "leave_output_tensor")
 SDIST_SHA256 = {"0.3.36": "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"}
 """sha256 of the llama-cpp-python sdists whose convert_hf_to_gguf.py runs here (pip fetches them hash-pinned)."""
@@ -165,7 +169,7 @@ class LlamaCppBackend:
 
     def starting_points(self) -> Sequence[Mapping[str, Any]]:
         return ({"llamacpp.precision": "Q4_K_M", "llamacpp.imatrix": False},  # llama.cpp's recommended default
-                {"llamacpp.precision": MIXED, "llamacpp.target_bpw": 4.5, "llamacpp.imatrix": False})  # Q4_0's size
+                {"llamacpp.precision": MIXED, "llamacpp.target_bpw": MIXED_START_BPW, "llamacpp.imatrix": False})
 
     def search_space(self, trial: Any) -> tuple[str, dict[str, Any]]:
         precision = trial.suggest_categorical("llamacpp.precision", [*SEARCH_TYPES, MIXED])
@@ -221,8 +225,8 @@ class LlamaCppBackend:
         mode = _recipe_mode(options, qtype)
         _check_quantize(base, qtype, options)
         recipe = self._checked_recipe(base, qtype, options) if mode == "recipe" else None
-        if recipe is not None:
-            options = _recipe_settings(options, recipe)
+        if recipe is not None:  # its recorded settings (the importance matrix) where the options leave them unset
+            options = typed_options(self.name, self.option_specs(), recipes.with_settings(options, recipe))
         candidates = _candidate_types(options) if mode == "target" else ()
         recorded = {k: v for k, v in options.items() if v not in (None, "", False, 0) or k == "imatrix"}
         imatrix = _imatrix(base, options, calibration, source, recorded)
@@ -266,7 +270,7 @@ class LlamaCppBackend:
         recipes.validate_against(recipe, names, architecture, TENSOR_TYPES, self.name, default_types=quantized_types)
         used = {rule.type for rule in recipe.rules} | {recipe.default_type if qtype == MIXED else qtype}
         if needs := sorted(used & (TENSOR_TYPES_NEED_IMATRIX | IMATRIX_REQUIRED)):
-            if not option_bool(_recipe_settings(options, recipe).get("imatrix", False)):
+            if not option_bool(recipes.with_settings(options, recipe).get("imatrix", False)):
                 raise EdgeError(f"the recipe's type {needs[0]} needs an importance matrix: set llamacpp.imatrix=true")
         return recipe
 
@@ -281,14 +285,16 @@ class LlamaCppBackend:
         predicted = {k: float(f"{v:.6g}") for k, v in recipes.predict(table, allocation).items()}
         architecture = quantizable_tensors(base.path)[0]
         measured = {"types": list(candidates), "imatrix": imatrix is not None,
-                    **({"imatrix_chunks": int(options.get("imatrix_chunks") or 16)} if imatrix is not None else {}),
                     "error": "fisher" if calibration is not None and source is not None else "squared",
                     **({"calib.sha256": calibration.sha256, "chunks": int(options.get("imatrix_chunks") or 16)}
                        if calibration is not None and source is not None else {})}
+        settings = {"imatrix": imatrix is not None,  # the types were measured, and are applied, with it
+                    **({"imatrix_chunks": int(options.get("imatrix_chunks") or 16)} if imatrix is not None else {})}
         return recipes.recipe_from_allocation(
             allocation, backend=self.name, architecture=architecture,
             default_type=qtype if qtype != MIXED else _default_type(allocation, table),
-            source_sha256=base.source_sha256, budget=targets, predicted=predicted, sensitivity=measured)
+            source_sha256=base.source_sha256, budget=targets, predicted=predicted, sensitivity=measured,
+            settings=settings)
 
     # -- load ----------------------------------------------------------------------------------------------------
     def load(self, artifact: Artifact, threads: int, context_tokens: int) -> "LlamaCppRunner":
@@ -368,16 +374,6 @@ def _recipe_mode(options: Mapping[str, Any], qtype: str) -> str | None:
         raise EdgeError(f"llamacpp.{fixed[0]} cannot be combined with {key}: the allocation chooses every "
                         "tensor's type (edit its recipe.json and apply that instead)")
     return "target"
-
-
-def _recipe_settings(options: Mapping[str, Any], recipe: recipes.Recipe) -> dict[str, Any]:
-    """``options`` with the importance matrix setting ``recipe`` was allocated with, where the options leave it
-    unset: re-applying a recipe file alone writes the same bytes as the quantization that wrote it (given the same
-    calibration text)."""
-    made = recipe.sensitivity or {}
-    if "imatrix" in options or not made.get("imatrix"):
-        return dict(options)
-    return {**options, "imatrix": True, "imatrix_chunks": int(made.get("imatrix_chunks") or made.get("chunks") or 16)}
 
 
 def _candidate_types(options: Mapping[str, Any]) -> tuple[str, ...]:
