@@ -18,6 +18,8 @@ from mlflow_edge.errors import EdgeError
 from mlflow_edge.evaluation.data import calibration_text
 from mlflow_edge.recipes import Recipe, Rule
 from mlflow_edge.sources import SourceModel
+from tests.backends import recipe_files
+from tests.backends.recipe_files import one_line
 
 pytest.importorskip("mlx_lm")
 
@@ -26,17 +28,8 @@ SMALL_CALIBRATION = {"num_samples": 2, "sequence_length": 32}
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------
-def one_line(exc: pytest.ExceptionInfo) -> str:
-    message = str(exc.value)
-    assert message and "\n" not in message, message
-    return message
-
-
 def write_recipe(path: Path, rules: list[tuple[str, str]], **fields: Any) -> Path:
-    data = {"mlflow_edge_recipe": 1, "backend": "mlx", "architecture": "llama", "default_type": "q4_g64",
-            "tensor_types": [{"pattern": pattern, "type": kind} for pattern, kind in rules], **fields}
-    path.write_text(json.dumps(data, indent=1))
-    return path
+    return recipe_files.write_recipe(path, rules, **{"backend": "mlx", "default_type": "q4_g64", **fields})
 
 
 def layer_entries(artifact: Artifact) -> dict[str, Any]:

@@ -5,7 +5,6 @@ is refused before anything is written."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,8 @@ from mlflow_edge.errors import EdgeError
 from mlflow_edge.evaluation.data import calibration_text
 from mlflow_edge.recipes import load_recipe
 from mlflow_edge.sources import SourceModel
+from tests.backends import recipe_files
+from tests.backends.recipe_files import one_line
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                "mlp.up_proj", "mlp.down_proj")
@@ -34,17 +35,8 @@ SMALL_CALIBRATION = {"subset_size": 4, "calibration_tokens": 32}
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------
-def one_line(exc: pytest.ExceptionInfo) -> str:
-    message = str(exc.value)
-    assert message and "\n" not in message, message
-    return message
-
-
 def write_recipe(path: Path, rules: list[tuple[str, str]], **fields: Any) -> Path:
-    data = {"mlflow_edge_recipe": 1, "backend": "openvino", "architecture": "llama", "default_type": "INT4_ASYM",
-            "tensor_types": [{"pattern": pattern, "type": kind} for pattern, kind in rules], **fields}
-    path.write_text(json.dumps(data, indent=1))
-    return path
+    return recipe_files.write_recipe(path, rules, **{"backend": "openvino", "default_type": "INT4_ASYM", **fields})
 
 
 def constants(artifact: Artifact) -> dict[str, tuple[str, tuple[int, ...]]]:
