@@ -66,6 +66,19 @@ def test_three_trials_measure_three_configurations(searched):
     assert result["distinct_left"] == 38 - 3
 
 
+def test_a_budgeted_mixed_recipe_is_tried_early_beside_uniform_types(searched):
+    """llama.cpp's second starting point is its per-tensor recipe at 6 bits per weight: measured like any trial,
+    rebuilt by its command, its recipe logged with its model when the front keeps it."""
+    folder, _, runs = searched
+    mixed = next(r for r in _candidates(runs) if r.data.tags["mlflow_edge.trial"] == "1")
+    assert mixed.data.params["precision"] == "MIXED" and float(mixed.data.params["llamacpp.target_bpw"]) == 6.0
+    assert 5.5 <= float(mixed.data.params["llamacpp.predicted_bpw"]) <= 6.0  # the embedding is 92 % of the weights
+    assert "--precision MIXED" in mixed.data.tags[REBUILD_TAG] and "target_bpw=6.0" in mixed.data.tags[REBUILD_TAG]
+    assert mixed.info.status == "FINISHED" and mixed.data.metrics["accuracy_retention"] > 0
+    logged = {f.path for f in MlflowClient().list_artifacts(mixed.info.run_id, "recipe")}
+    assert ("recipe/recipe.json" in logged) == (MODEL_URI_TAG in mixed.data.tags)
+
+
 def test_models_are_stored_for_the_front_only_and_counted(searched):
     _, result, runs = searched
     stored = [r for r in _candidates(runs) if MODEL_URI_TAG in r.data.tags]
@@ -74,7 +87,8 @@ def test_models_are_stored_for_the_front_only_and_counted(searched):
     assert all(r.data.metrics["size_mb"] == smallest for r in stored)
     parent = next(r for r in runs if r.data.tags.get("mlflow_edge.role") == "study")
     assert parent.data.metrics["bytes_logged"] == result["bytes_logged"]
-    assert result["bytes_logged"] == pytest.approx(sum(r.data.metrics["size_mb"] for r in stored) * 1e6, rel=1e-9)
+    once = {r.data.tags[DIGEST_TAG]: r.data.metrics["size_mb"] for r in stored}  # logged once per content hash
+    assert result["bytes_logged"] == pytest.approx(sum(once.values()) * 1e6, rel=1e-9)
     assert parent.info.run_name == result["study"]  # a readable parent run
     names = {f.path for f in MlflowClient().list_artifacts(parent.info.run_id, "search")}
     assert {"search/front_size_mb_vs_kld_mean.png", "search/front_size_mb_vs_kld_mean.html",

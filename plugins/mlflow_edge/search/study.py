@@ -905,8 +905,11 @@ def _chosen_backends(target: str, chosen: Sequence[str] | None) -> tuple[str, ..
 
 
 def starting_points(backends: Sequence[str]) -> list[dict[str, Any]]:
-    """Every backend's defaults as full trial parameters (``backend`` first), tried first by a new study."""
-    return [{"backend": name, **point} for name in backends for point in get_backend(name).starting_points()]
+    """Every backend's defaults as full trial parameters (``backend`` first), tried first by a new study: each
+    backend's first default, then each one's second … (a small budget reaches every backend)."""
+    defaults = [[{"backend": name, **point} for point in get_backend(name).starting_points()] for name in backends]
+    return [points[rank] for rank in range(max(map(len, defaults), default=0))
+            for points in defaults if rank < len(points)]
 
 
 def redacted(storage_url: str) -> str:
