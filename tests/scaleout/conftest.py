@@ -69,9 +69,10 @@ def postgres() -> Iterator[Postgres]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tracking_server(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``mlflow server`` with a PostgreSQL backend store and a local artifact root, on loopback."""
+    """``mlflow server`` with a PostgreSQL backend store and a local artifact root, on loopback: one for the session
+    (a start costs seconds), so each module searches in an experiment and under registered model names of its own."""
     folder = tmp_path_factory.mktemp("mlflow-server")
     store = postgres.database(f"mlflow_{folder.name.replace('-', '_')}")
     port = free_port()

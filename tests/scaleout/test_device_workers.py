@@ -81,7 +81,7 @@ def test_a_target_without_hardware_or_worker_waits_visibly_then_fails_in_one_lin
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
         coordinator = subprocess.Popen(
             cli("search", "--model", str(tiny_source.path), "--target", "apple-silicon", "--backends", "llamacpp",
-                 "--storage", storage, "--study-name", "mac", "--trials", "2", "--timeout", "20",
+                 "--storage", storage, "--study-name", "mac", "--trials", "2", "--timeout", "2",
                  "--gates", "accuracy_retention>=0.5", "--registered-model", "mac-edge", *FAST),
             env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
@@ -100,7 +100,7 @@ def test_a_target_without_hardware_or_worker_waits_visibly_then_fails_in_one_lin
     assert coordinator.returncode == 1, err[-3000:]
     assert "no worker for target 'apple-silicon' has joined yet: on a machine with macOS on arm64 run" in err
     assert err.strip().splitlines()[-1] == (
-        "mlflow-edge: error: no worker for target 'apple-silicon' measured a trial of study 'mac' within 20 s; "
+        "mlflow-edge: error: no worker for target 'apple-silicon' measured a trial of study 'mac' within 2 s; "
         "start `mlflow-edge search --worker` on a machine with macOS on arm64; nothing promoted")
     roles = {r.data.tags.get("mlflow_edge.role"): r for r in runs}
     assert roles["study"].info.status == "FAILED"

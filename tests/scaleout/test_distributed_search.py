@@ -22,6 +22,8 @@ pytestmark = pytest.mark.slow
 BUDGET = 6
 STUDY = "distributed"
 MODEL_NAME = "distributed-edge"
+EXPERIMENT = "distributed"
+"""This module's experiment on the session's tracking server (other modules search on it too)."""
 
 
 def _running_trial_of(study: optuna.Study, pid: int) -> optuna.trial.FrozenTrial | None:
@@ -42,7 +44,7 @@ def distributed(postgres, tracking_server, tiny_source, tmp_path_factory):
     common = ["--model", str(tiny_source.path), "--storage", storage, "--study-name", STUDY]
     coordinator = start(["search", *common, "--backends", "llamacpp", "--trials", str(BUDGET), "--gates",
                           "accuracy_retention>=0.5", "--screen-windows", "0", "--registered-model", MODEL_NAME,
-                          *FAST], folder / "coordinator.log", env, folder)
+                          "--experiment", EXPERIMENT, *FAST], folder / "coordinator.log", env, folder)
     workers = [start(["search", "--worker", *common], folder / f"worker{i}.log", env, folder) for i in (1, 2)]
     victim, killed = workers[0], None
     deadline = time.monotonic() + 600
@@ -86,7 +88,7 @@ def test_every_process_ran_trials_under_one_parent_reference_and_champion(distri
     study, killed, logs = distributed
     owners = {t.user_attrs["owner"].split("-")[0] for t in study.trials if t.state == TrialState.COMPLETE}
     assert len(owners) >= 2  # the coordinator's and the surviving worker's (the killed one's first trial died)
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    runs = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")  # the workers' runs too
     roles = [r.data.tags.get("mlflow_edge.role") for r in runs]
     assert roles.count("study") == 1 and roles.count("reference") == 1  # once per study, not per worker
     assert roles.count("worker") == 2  # one run per worker, under the study's parent

@@ -21,15 +21,18 @@ def _trial_runs(study: str):
     return sorted(runs, key=lambda r: r.info.start_time)
 
 
+COMMON = dict(trials=1, objectives="min:size_mb", gates="accuracy_retention>=0.5", backends=["llamacpp"],
+              screen_windows=0, registered_model="tiny-reuse-edge")
+
+
 @pytest.fixture(scope="module")
 def two_studies(tmp_path_factory, tiny_source, use_sqlite_store):
+    """Two studies with the same settings in one store; the store stays current for the module's tests."""
     folder = tmp_path_factory.mktemp("reuse")
-    common = dict(trials=1, objectives="min:size_mb", gates="accuracy_retention>=0.5", settings=QUICK,
-                  backends=["llamacpp"], screen_windows=0, registered_model="tiny-reuse-edge")
     with pytest.MonkeyPatch.context() as patch:
         use_sqlite_store(folder, patch)
-        run_search(str(tiny_source.path), study_name="first", **common)
-        run_search(str(tiny_source.path), study_name="second", **common)
+        run_search(str(tiny_source.path), study_name="first", settings=QUICK, **COMMON)
+        run_search(str(tiny_source.path), study_name="second", settings=QUICK, **COMMON)
         yield _trial_runs("first"), _trial_runs("second")
         mlflow.end_run()
 
@@ -46,16 +49,12 @@ def test_the_second_study_reuses_the_accuracy_and_times_the_artifact_again(two_s
     assert second.data.metrics["decode_tok_s"] > 0 and "decode_tok_s" in first.data.metrics
 
 
-def test_other_evaluation_settings_measure_accuracy_again(tmp_path, tiny_source, use_sqlite_store):
-    with pytest.MonkeyPatch.context() as patch:
-        use_sqlite_store(tmp_path, patch)
-        common = dict(trials=1, objectives="min:size_mb", gates="accuracy_retention>=0.5", backends=["llamacpp"],
-                      screen_windows=0, registered_model="tiny-reuse-edge")
-        run_search(str(tiny_source.path), study_name="two-windows", settings=QUICK, **common)
-        three = EvalSettings(**{**QUICK.__dict__, "windows": 3})
-        run_search(str(tiny_source.path), study_name="three-windows", settings=three, **common)
-        (two,), (again,) = _trial_runs("two-windows"), _trial_runs("three-windows")
-        mlflow.end_run()
+def test_other_evaluation_settings_measure_accuracy_again(two_studies, tiny_source):
+    (two,), _ = two_studies  # measured with two windows, in the store this search runs in
+    three = EvalSettings(**{**QUICK.__dict__, "windows": 3})
+    run_search(str(tiny_source.path), study_name="three-windows", settings=three, **COMMON)
+    (again,) = _trial_runs("three-windows")
+    mlflow.end_run()
     assert two.data.tags[DIGEST_TAG] == again.data.tags[DIGEST_TAG]
     assert ACCURACY_FROM_TAG not in again.data.tags
     assert two.data.tags[ACCURACY_KEY_TAG] != again.data.tags[ACCURACY_KEY_TAG]
