@@ -658,11 +658,11 @@ def ir_architecture(folder: Path) -> str | None:
         return None
 
 
-def extract_recipe(model: Any, architecture: str, source_sha256: str | None = None,
+def extract_recipe(kinds: Mapping[str, str], architecture: str, source_sha256: str | None = None,
                    settings: Mapping[str, Any] | None = None) -> recipes.Recipe:
-    """The per-layer types of the compressed ``model`` (:func:`layer_types`) as a recipe: one exact rule per layer
-    whose type differs from the most common one, the default; ``settings``: the group size options it was made with."""
-    kinds = layer_types(model)
+    """The per-layer types of a compressed model (``kinds``, :func:`layer_types`) as a recipe: one exact rule per
+    layer whose type differs from the most common one, the default; ``settings``: the group size options it was made
+    with."""
     default = collections.Counter(kinds.values()).most_common(1)[0][0]
     return recipes.recipe_from_allocation({name: kind for name, kind in kinds.items() if kind != default},
                                           backend=OpenVINOBackend.name, architecture=architecture,
@@ -711,11 +711,12 @@ def _written_recipe(model: Any, precision: str, options: Mapping[str, Any], fold
     of its types would not reproduce it."""
     if precision == PTQ_PRECISION or any(option_bool(options.get(name, False)) for name in _DATA_AWARE):
         return None
-    kinds = set(layer_types(model).values())
+    kinds = layer_types(model)
+    found = set(kinds.values())
     architecture = ir_architecture(folder)
-    if not kinds <= set(RECIPE_TYPES) or architecture is None or (len(kinds) < 2 and precision != MIXED):
+    if not found <= set(RECIPE_TYPES) or architecture is None or (len(found) < 2 and precision != MIXED):
         return None
-    return extract_recipe(model, architecture, source_sha256, {k: options[k] for k in _GROUP_OPTIONS if k in options})
+    return extract_recipe(kinds, architecture, source_sha256, {k: options[k] for k in _GROUP_OPTIONS if k in options})
 
 
 # -- runtime -------------------------------------------------------------------------------------------------------
