@@ -457,12 +457,18 @@ _NEVER_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid", "
 def quantizable_tensors(path: Path, quantize_output: bool = True) -> tuple[str, list[str]]:
     """``general.architecture`` of the GGUF at ``path`` and the names of the tensors llama.cpp quantizes, in file
     order (2-D or 3-D weights but norms, routers and the few it keeps as they are)."""
-    stat = Path(path).stat()
-    architecture, _, tensors = _gguf_layout(str(path), stat.st_size, stat.st_mtime_ns)
+    architecture, _, tensors = gguf_layout(path)
     names = [name for name, n_dims, _ in tensors
              if n_dims >= 2 and name.endswith("weight") and not any(p in name for p in _NEVER_QUANTIZED)
              and (quantize_output or name != "output.weight")]
     return architecture, names
+
+
+def gguf_layout(path: Path) -> tuple[str, int, tuple[tuple[str, int, int], ...]]:
+    """Architecture, block count and (name, dimensions, bytes) of every tensor of the GGUF file at ``path``, read
+    once per file version."""
+    stat = Path(path).stat()
+    return _gguf_layout(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=8)
@@ -581,10 +587,9 @@ def _fixed_bits(base_path: Path, table: Any) -> float:
     """Bits of a quantized file besides the table's tensors: the base file less those tensors, plus a margin for the
     alignment of each tensor (32 bytes)."""
     names = set(table["tensor"])
-    stat = base_path.stat()
-    tensors = _gguf_layout(str(base_path), stat.st_size, stat.st_mtime_ns)[2]
+    tensors = gguf_layout(base_path)[2]
     table_bytes = sum(n_bytes for name, _, n_bytes in tensors if name in names)
-    return 8.0 * (stat.st_size - table_bytes + 32 * len(tensors))
+    return 8.0 * (base_path.stat().st_size - table_bytes + 32 * len(tensors))
 
 
 def _default_type(allocation: Mapping[str, str], table: Any) -> str:
@@ -787,8 +792,7 @@ def _matmul_modules(model: Any, base_path: Path) -> dict[str, Any]:
     import gguf
     import torch
 
-    stat = base_path.stat()
-    arch_name, block_count, layout = _gguf_layout(str(base_path), stat.st_size, stat.st_mtime_ns)
+    arch_name, block_count, layout = gguf_layout(base_path)
     gguf_names = {name for name, _, _ in layout}
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
     name_map = gguf.get_tensor_name_map(arch, block_count)
