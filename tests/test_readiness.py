@@ -150,3 +150,36 @@ def test_a_long_report_is_cut_at_a_section_to_fit_the_registry():
     assert len(text) > 500 and len(cut) <= 500
     assert cut.startswith("# Title\n\nsummary\n\n## Gates") and "## Serve" not in cut
     assert cut.rstrip().endswith("the full report is the run artifact `readiness/readiness.md`.*")
+
+
+def test_of_two_candidates_of_the_same_bytes_the_more_faithful_faster_one_is_promoted(tracking_uri, stub_gguf):
+    mlflow.set_experiment("edge")
+    plain = _candidate(stub_gguf, {**FIRST, "kld_mean": 0.031, "decode_tok_s": 85.6})
+    twin = _candidate(stub_gguf, {**FIRST, "kld_mean": 0.012, "decode_tok_s": 107.7})
+    dominated = _candidate(stub_gguf, {**FIRST, "size_mb": 150.0, "kld_mean": 0.04, "decode_tok_s": 80.0,
+                                       "accuracy_retention": 0.96})
+    promotion = _promote("min:size_mb")
+    assert promotion.run_id == twin and not promotion.kept_champion and twin not in (plain, dominated)
+    again = _promote("max:fidelity")  # the most faithful is the same candidate: the champion stays
+    assert again.kept_champion and again.run_id == twin and again.version == promotion.version
+    choice = _run_report(twin)["choice"]
+    assert choice["dominated_by"] == [] and choice["feasible"] == 3 and choice["front"] == 1
+    best = {row["metric"]: row["best_run_id"] for row in choice["best_by_objective"]}
+    assert best == {"kld_mean": twin, "accuracy_retention": twin, "decode_tok_s": twin, "size_mb": twin}
+    text = MlflowClient().get_model_version(NAME, promotion.version).description
+    assert "## Why this candidate" in text and "No feasible candidate dominates it" in text
+    assert ("Chosen by `min:size_mb` among 3 feasible candidate(s), 1 of them on the feasible Pareto front; 2 tied on "
+            "it, broken by kld_mean, accuracy_retention, decode_tok_s." in text)
+
+
+def test_a_champion_tied_on_the_policy_gives_way_to_a_candidate_that_dominates_it(tracking_uri, stub_gguf):
+    mlflow.set_experiment("edge")
+    first = _candidate(stub_gguf, {**FIRST, "kld_mean": 0.031})
+    assert _promote().run_id == first
+    kept = _promote()
+    assert kept.kept_champion and kept.version == "1"  # promoting the same runs again changes nothing
+    better = _candidate(stub_gguf, {**FIRST, "kld_mean": 0.012})
+    promotion = _promote()
+    assert not promotion.kept_champion and promotion.run_id == better and promotion.version == "2"
+    choice = _run_report(better)["choice"]
+    assert choice["tied"] == 2 and choice["ties_broken_by"][0] == "kld_mean"

@@ -96,3 +96,41 @@ def test_a_study_name_matches_only_itself_whatever_its_quotes(tracking_uri):
     for study in studies:
         found = registry.candidate_runs([experiment.experiment_id], "cpu", study)
         assert [run.info.run_id for run in found] == [run_ids[study]], study
+
+
+def test_a_tie_on_the_policy_goes_to_fidelity_then_speed_then_size():
+    small = registry.parse_policy("min:size_mb")
+    plain = {"size_mb": 102.79, "kld_mean": 0.031, "accuracy_retention": 0.97, "decode_tok_s": 85.6}
+    with_imatrix = {"size_mb": 102.79, "kld_mean": 0.012, "accuracy_retention": 0.99, "decode_tok_s": 107.7}
+    assert small.pick([plain, with_imatrix]) == 1 and small.pick([with_imatrix, plain]) == 0
+    same_fidelity_faster = {**plain, "decode_tok_s": 90.0}
+    assert small.pick([plain, same_fidelity_faster]) == 1
+    assert small.pick([plain, dict(plain)]) == 0  # an exact tie goes to the earlier one
+
+
+def test_a_dominated_candidate_never_wins_whatever_the_policy():
+    front = {"size_mb": 100.0, "kld_mean": 0.02, "accuracy_retention": 0.98, "decode_tok_s": 100.0,
+             "peak_rss_mb": 300.0}
+    dominated = {"size_mb": 110.0, "kld_mean": 0.03, "accuracy_retention": 0.97, "decode_tok_s": 90.0,
+                 "peak_rss_mb": 300.0}
+    assert registry.dominates(front, dominated) and not registry.dominates(dominated, front)
+    assert not registry.dominates(front, dict(front))
+    for spec in ("min:size_mb", "max:fidelity", "max:decode_tok_s", "min:peak_rss_mb",
+                 "weighted:max:decode_tok_s=1,min:size_mb=1", "max:top1_agreement"):
+        assert registry.parse_policy(spec).pick([dominated, front]) == 1, spec
+    # a better value of the policy's own metric is a reason to win: lower memory is not dominated
+    lean = {**dominated, "peak_rss_mb": 200.0}
+    assert registry.parse_policy("min:peak_rss_mb").pick([front, lean]) == 1
+    assert registry.undominated([front, dominated, lean], registry.parse_policy("min:peak_rss_mb").objectives) == [0, 2]
+
+
+def test_max_fidelity_ranks_by_mean_kld_then_retention():
+    policy = registry.parse_policy("max:fidelity")
+    assert str(policy) == "max:fidelity" and policy.metrics == ("kld_mean", "accuracy_retention")
+    assert registry.parse_policy(str(policy)) == policy
+    small_loose = {"size_mb": 80.0, "kld_mean": 0.04, "accuracy_retention": 0.96, "decode_tok_s": 120.0}
+    big_faithful = {"size_mb": 140.0, "kld_mean": 0.008, "accuracy_retention": 0.99, "decode_tok_s": 90.0}
+    tie_on_kld = {**big_faithful, "accuracy_retention": 0.995, "size_mb": 150.0}
+    assert policy.pick([small_loose, big_faithful]) == 1
+    assert policy.pick([small_loose, big_faithful, tie_on_kld]) == 2
+    assert registry.parse_policy("min:size_mb").pick([small_loose, big_faithful]) == 0

@@ -66,6 +66,11 @@ _experiment = click.option("--experiment", default=None, help="MLflow experiment
 _gates = click.option("--gates", default=None, callback=_optional_text,
                       help="e.g. 'accuracy_retention>=0.95,kld_mean<=0.05,speedup>=2|compression_ratio>=2' "
                            "(default: the balanced fidelity preset, speed or size, latency_cv<=0.1)")
+_policy = click.option("--policy", default="min:size_mb", show_default=True,
+                       help="which feasible candidate becomes champion: min:size_mb (the smallest that passes the "
+                            "gates), max:fidelity (the most faithful: lowest mean KLD, then retention), "
+                            "max:/min:<metric>, or weighted:max:<metric>=<w>,min:<metric>=<w>,…; ties go to fidelity, "
+                            "then decode speed, then size, and a dominated candidate never wins")
 _fidelity = click.option("--fidelity", default=None, callback=_optional_text,
                          help="near-lossless|balanced|small: the preset of the fidelity gates (accuracy_retention, "
                               "kld_mean), replacing those of --gates")
@@ -225,8 +230,7 @@ def evaluate(model: str, artifact_uri: str, target: str, gates: str | None, eval
 @click.option("--experiment", default="mlflow-edge", show_default=True, help="experiment whose runs compete")
 @_target
 @_gates
-@click.option("--policy", default="min:size_mb", show_default=True,
-              help="max:<metric>, min:<metric> or weighted:max:<metric>=<w>,min:<metric>=<w>,…")
+@_policy
 @click.option("--registered-model", required=True, help="registered model name")
 @click.option("--study", default=None, help="only candidates of this study (parent run id)")
 @click.option("--model", default=None,
@@ -267,9 +271,7 @@ def _search_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--objectives", default="multi", show_default=True,
                      help="'multi' (max decode_tok_s, min size_mb, max accuracy_retention) or max:/min:<metric>,…"),
         _gates, _fidelity, _gate_confidence,
-        click.option("--policy", default="min:size_mb", show_default=True,
-                     help="promotion policy among feasible trials: max:/min:<metric> or "
-                          "weighted:max:<metric>=<w>,min:<metric>=<w>,…"),
+        _policy,
         click.option("--seed", default=0, show_default=True),
         click.option("--storage", default=None, help="Optuna storage URL (default: optuna.db beside the MLflow store)"),
         click.option("--study-name", default=None, help="Optuna study name (default: <source>-<target>)"),
@@ -351,7 +353,7 @@ def search(**kwargs: Any) -> None:
 @click.option("--calibration-text", default=None, help="calibration text file (default: built-in slice)")
 @_target
 @_gates
-@click.option("--policy", default="min:size_mb", show_default=True, help="max:<metric> or min:<metric>")
+@_policy
 @click.option("--registered-model", default=None, help="registered model name (default: <source>-edge)")
 @_eval_options
 @_experiment

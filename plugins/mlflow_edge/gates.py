@@ -225,6 +225,24 @@ class Gates:
                 failed.append(group)
         return failed
 
+    @property
+    def fidelity_groups(self) -> tuple[GateGroup, ...]:
+        """The groups every gate of which is on a fidelity metric (:data:`FIDELITY_METRICS` or their bounds)."""
+        return tuple(group for group in self.groups if all(_base_metric(g.metric) in FIDELITY_METRICS
+                                                           for g in group.gates))
+
+    def fidelity_passed(self, metrics: Mapping[str, float]) -> bool | None:
+        """Whether ``metrics`` pass every fidelity group (``None`` when there is none): a candidate that fails only a
+        speed or size gate still tells how far its precision can go."""
+        groups = self.fidelity_groups
+        return Gates(groups).check(metrics).passed if groups else None
+
+    def kld_ceiling(self) -> float | None:
+        """The tightest ``kld_mean<=t`` (or on its bound) that holds on its own (a one-gate group), else ``None``."""
+        ceilings = [group.gates[0].threshold for group in self.groups if len(group.gates) == 1
+                    and _base_metric(group.gates[0].metric) == "kld_mean" and group.gates[0].op == "<="]
+        return min(ceilings) if ceilings else None
+
     def on_bounds(self) -> "Gates":
         """These gates decided on the pessimistic bound of every metric that has an interval (``--gate-confidence``):
         ``accuracy_retention>=t`` becomes ``accuracy_retention_lo>=t``, ``kld_mean<=t`` becomes ``kld_mean_hi<=t``."""
@@ -250,6 +268,11 @@ class Gates:
 
     def __str__(self) -> str:
         return ",".join(str(g) for g in self.groups)
+
+
+def _base_metric(name: str) -> str:
+    """The metric a bound belongs to (``kld_mean_hi`` → ``kld_mean``), else ``name``."""
+    return next((metric for metric, bounds in BOUNDS.items() if name in bounds), name)
 
 
 def _optimistic(metrics: Mapping[str, float]) -> dict[str, float]:

@@ -59,6 +59,8 @@ class Promoted:
     report: GateReport
     reference: Run | None = None
     previous: Champion | None = None
+    choice: Mapping[str, Any] | None = None
+    """Why this candidate won (:func:`mlflow_edge.registry.choice_facts`)."""
 
 
 # -- facts -----------------------------------------------------------------------------------------------------
@@ -78,6 +80,7 @@ def facts(promoted: Promoted) -> dict[str, Any]:
         "artifact": {"backend": params.get("backend", ""), "format": params.get("format", ""),
                      "precision": params.get("precision", ""), "size_mb": _finite(run.data.metrics.get("size_mb"))},
         "gates": gate_facts(promoted.report),
+        "choice": _finite_values(promoted.choice or {}),
         "comparison": comparison(run, promoted.reference, promoted.previous),
         "hardware": _prefixed(tags, "hw."),
         "versions": _prefixed(tags, "version."),
@@ -86,6 +89,15 @@ def facts(promoted: Promoted) -> dict[str, Any]:
         "serve": serve_commands(promoted.registered_model, promoted.version, promoted.alias,
                                 params.get("backend", "")),
     }
+
+
+def _finite_values(data: Any) -> Any:
+    """``data`` (nested dicts and lists) with every non-finite float as ``None``."""
+    if isinstance(data, Mapping):
+        return {k: _finite_values(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite_values(v) for v in data]
+    return _finite(data) if isinstance(data, float) else data
 
 
 def gate_facts(report: GateReport) -> dict[str, Any]:
@@ -170,7 +182,8 @@ def _finite(value: Any) -> float | None:
 # -- rendering -------------------------------------------------------------------------------------------------
 def markdown(report: Mapping[str, Any]) -> str:
     """The report for people, sections in order of importance (a cut description keeps the first ones)."""
-    sections = [_summary(report), _gates_section(report["gates"]), _serve_section(report["serve"]),
+    sections = [_summary(report), _gates_section(report["gates"]), _choice_section(report.get("choice") or {}),
+                _serve_section(report["serve"]),
                 _comparison_section(report), _provenance_section(report)]
     return "\n\n".join(sections) + "\n"
 
@@ -219,6 +232,23 @@ def _gates_section(gates: Mapping[str, Any]) -> str:
             rows.append((gate["metric"], value, f"{op} {_number(gate['threshold'])}", gate["status"], group_cell))
     spec = f"Spec: `{gates['spec']}` (every group must pass; a group passes when any of its gates does)."
     return f"{head}\n\n{spec}\n\n" + _table(("gate", "value", "threshold", "result", "group"), rows)
+
+
+def _choice_section(choice: Mapping[str, Any]) -> str:
+    """Why the champion won: its policy and ties, the best feasible candidate per objective, and its dominance."""
+    if not choice:
+        return "## Why this candidate\n\n" + _MISSING
+    ties = (f"; {choice['tied']} tied on it, broken by {', '.join(choice['ties_broken_by'])}"
+            if choice["tied"] > 1 else "")
+    dominated = ("No feasible candidate dominates it (none is at least as good on every objective and better on one)."
+                 if not choice["dominated_by"] else
+                 f"Dominated by {', '.join(f'`{r}`' for r in choice['dominated_by'])}.")
+    lines = [f"Chosen by `{choice['policy']}` among {choice['feasible']} feasible candidate(s), {choice['front']} of "
+             f"them on the feasible Pareto front{ties}. {dominated}"]
+    rows = [(row["metric"], row["better"], _number(row["winner_value"]), row["best"], _number(row["best_value"]))
+            for row in choice["best_by_objective"]]
+    lines.append(_table(("objective", "better", "this", "best feasible", "its value"), rows))
+    return "## Why this candidate\n\n" + "\n\n".join(lines)
 
 
 def _serve_section(servers: list[Mapping[str, Any]]) -> str:

@@ -52,11 +52,13 @@ class Term:
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    """How feasible candidates rank: ``max:decode_tok_s``, ``min:size_mb``, … or a weighted sum
+    """How feasible candidates rank: ``max:decode_tok_s``, ``min:size_mb``, ``max:fidelity`` (lowest ``kld_mean``,
+    then highest ``accuracy_retention``), … or a weighted sum
     ``weighted:max:decode_tok_s=0.3,min:size_mb=0.3,max:accuracy_retention=0.4``.
 
     A weighted policy scales each metric to [0, 1] over the candidates being compared (min–max, best = 1), so metrics
-    of different units add up; a candidate missing a ranked metric ranks last::
+    of different units add up; a candidate missing a ranked metric ranks last. Ties of the score are broken by the
+    policy's further terms, then by :data:`TIE_BREAKS` (fidelity, then decode speed, then size)::
 
         >>> policy = parse_policy("weighted:min:size_mb=1,max:accuracy_retention=1")
         >>> policy.scores([{"size_mb": 90, "accuracy_retention": 0.9}, {"size_mb": 100, "accuracy_retention": 1.0}])
@@ -65,10 +67,19 @@ class Policy:
 
     terms: tuple[Term, ...]
     weighted: bool = False
+    name: str | None = None
+    """The spec of a named policy (``max:fidelity``), whose terms rank one after the other."""
 
     @property
     def metrics(self) -> tuple[str, ...]:
         return tuple(t.metric for t in self.terms)
+
+    @property
+    def objectives(self) -> tuple[Term, ...]:
+        """What a candidate is compared on, for ties and for dominance: the policy's terms, then
+        :data:`TIE_BREAKS`, each metric once."""
+        seen = {t.metric for t in self.terms}
+        return self.terms + tuple(t for t in TIE_BREAKS if t.metric not in seen)
 
     def scores(self, pool: Sequence[Mapping[str, float]]) -> list[float]:
         """One score per metrics mapping of ``pool``: larger is better."""
@@ -89,10 +100,46 @@ class Policy:
                               for t, v, (lo, hi) in zip(self.terms, row, ranges)))
         return scores
 
+    def pick(self, pool: Sequence[Mapping[str, float]]) -> int:
+        """The index of the best of ``pool`` (metrics mappings) that no other one dominates (:func:`dominates` on
+        :attr:`objectives`): its score, then the tie-breaks; an exact tie goes to the earlier one."""
+        if not pool:
+            raise ValueError("no candidate to pick from")
+        scores = self.scores(pool)
+        front = undominated(pool, self.objectives)
+        tie_breaks = (self.terms[1:] if not self.weighted else ()) + self.objectives[len(self.terms):]
+        return max(front, key=lambda i: (scores[i], *(_signed(pool[i], t) for t in tie_breaks), -i))
+
     def __str__(self) -> str:
+        if self.name:
+            return self.name
         if not self.weighted:
             return str(self.terms[0])
         return "weighted:" + ",".join(f"{t}={t.weight:g}" for t in self.terms)
+
+
+TIE_BREAKS: tuple[Term, ...] = (Term("min", "kld_mean"), Term("max", "accuracy_retention"),
+                                Term("max", "decode_tok_s"), Term("min", "size_mb"))
+"""The study's objectives in the order that breaks a policy's ties: fidelity (mean KLD, then retention), then decode
+speed, then size. With the policy's own terms they also decide dominance."""
+NAMED_POLICIES: dict[str, tuple[Term, ...]] = {
+    "max:fidelity": (Term("min", "kld_mean"), Term("max", "accuracy_retention")),
+}
+"""Policies by name: ``max:fidelity`` is the most faithful candidate that meets the gates (lowest mean KLD, then
+highest retention), what tuners that optimize under a speed and loss budget pick."""
+
+
+def dominates(a: Mapping[str, float], b: Mapping[str, float], objectives: Sequence[Term] = TIE_BREAKS) -> bool:
+    """Whether ``a`` is no worse than ``b`` on every objective both measured and better on at least one."""
+    pairs = [(_signed(a, t), _signed(b, t)) for t in objectives]
+    shared = [(x, y) for x, y in pairs if math.isfinite(x) and math.isfinite(y)]
+    return bool(shared) and all(x >= y for x, y in shared) and any(x > y for x, y in shared)
+
+
+def undominated(pool: Sequence[Mapping[str, float]], objectives: Sequence[Term] = TIE_BREAKS) -> list[int]:
+    """Indexes of ``pool`` that no other member dominates (the Pareto front of ``pool``), in order."""
+    return [i for i, metrics in enumerate(pool)
+            if not any(dominates(other, metrics, objectives) for j, other in enumerate(pool) if j != i)]
 
 
 def _signed(metrics: Mapping[str, float], term: Term) -> float:
@@ -107,7 +154,7 @@ def _term(text: str, spec: str, weighted: bool) -> Term:
     direction, _, metric = body.partition(":")
     if direction not in ("max", "min") or metric not in METRICS:
         raise EdgeError(f"bad promotion policy '{spec}': use max:<metric> or min:<metric> with a conventions metric, "
-                        "or weighted:max:<metric>=<weight>,min:<metric>=<weight>,…")
+                        f"{', '.join(NAMED_POLICIES)}, or weighted:max:<metric>=<weight>,min:<metric>=<weight>,…")
     try:
         weight = float(weight_text) if weighted else 1.0
     except ValueError:
@@ -121,6 +168,8 @@ def parse_policy(spec: "str | Policy") -> Policy:
     if isinstance(spec, Policy):
         return spec
     spec = str(spec).strip()
+    if spec in NAMED_POLICIES:
+        return Policy(NAMED_POLICIES[spec], name=spec)
     if spec.startswith("weighted:"):
         parts = [p for p in spec[len("weighted:"):].split(",")]
         terms = tuple(_term(part, spec, weighted=True) for part in parts)
@@ -201,7 +250,7 @@ def promote(experiment_ids: Sequence[str], target: str, gates: Gates, policy: st
             return Promotion(registered_model, alias, best.info.run_id, champion.version, True, str(policy))
         promoted = Promoted(registered_model=registered_model, version="", alias=alias, target=target,
                             policy=str(policy), run=best, report=report, reference=reference_run(best),
-                            previous=champion)
+                            previous=champion, choice=choice_facts(policy, [run for run, _ in feasible], best))
         version, text, facts = _register(client, promoted, _settle_interrupted(client, registered_model, best))
     _log_report(client, best.info.run_id, text, facts)
     return Promotion(registered_model, alias, best.info.run_id, version, False, str(policy))
@@ -269,13 +318,51 @@ def _settle_interrupted(client: MlflowClient, name: str, winner: Run) -> str | N
 
 def _winner(feasible: Sequence[tuple[Run, GateReport]], champion: Champion | None,
             policy: Policy) -> tuple[Run, GateReport, bool]:
-    """The best feasible candidate by ``policy`` (smaller ``size_mb`` breaks ties), and whether the champion stays."""
-    pool = [run.data.metrics for run, _ in feasible] + ([champion.metrics] if champion else [])
+    """The best feasible candidate by ``policy`` that no other one dominates (ties broken by the other objectives),
+    and whether the champion stays: it competes too, first, so that an exact tie keeps it."""
+    candidates = [run.data.metrics for run, _ in feasible]
+    if champion is None:
+        return (*feasible[policy.pick(candidates)], False)
+    winner = policy.pick([champion.metrics, *candidates])
+    if winner == 0:  # the best new candidate is named in the message that the champion stays
+        return (*feasible[policy.pick(candidates)], True)
+    return (*feasible[winner - 1], False)
+
+
+def choice_facts(policy: Policy, feasible: Sequence[Run], winner: Run) -> dict[str, Any]:
+    """Why ``winner`` won among the ``feasible`` runs, for the readiness report: the policy, how many tied on its
+    score, per objective the best feasible candidate beside the winner's value, and the candidates that dominate the
+    winner (none, by construction)."""
+    pool = [run.data.metrics for run in feasible]
     scores = policy.scores(pool)
-    ranked = sorted(range(len(feasible)),
-                    key=lambda i: (scores[i], -feasible[i][0].data.metrics.get("size_mb", math.inf)))
-    best, report = feasible[ranked[-1]]
-    return best, report, champion is not None and scores[-1] >= scores[ranked[-1]]
+    mine = scores[_index(feasible, winner)]
+    best_by_objective = []
+    for term in policy.objectives:
+        measured = [run for run in feasible if math.isfinite(_signed(run.data.metrics, term))]
+        if measured:
+            top = max(measured, key=lambda run: _signed(run.data.metrics, term))
+            best_by_objective.append({
+                "metric": term.metric, "better": "higher" if term.direction == "max" else "lower",
+                "best_run_id": top.info.run_id, "best": candidate_label(top),
+                "best_value": top.data.metrics[term.metric], "winner_value": winner.data.metrics.get(term.metric)})
+    return {"policy": str(policy), "feasible": len(feasible), "front": len(undominated(pool, policy.objectives)),
+            "tied": sum(score == mine for score in scores),
+            "ties_broken_by": [t.metric for t in (policy.objectives[1:] if not policy.weighted
+                                                  else policy.objectives[len(policy.terms):])],
+            "dominated_by": [run.info.run_id for run in feasible
+                             if dominates(run.data.metrics, winner.data.metrics, policy.objectives)],
+            "best_by_objective": best_by_objective}
+
+
+def _index(runs: Sequence[Run], run: Run) -> int:
+    return next(i for i, other in enumerate(runs) if other.info.run_id == run.info.run_id)
+
+
+def candidate_label(run: Run) -> str:
+    """``<backend> <precision>`` and the trial number of a candidate run, as people name it."""
+    params, tags = run.data.params, run.data.tags
+    trial = f" (trial {tags['mlflow_edge.trial']})" if "mlflow_edge.trial" in tags else ""
+    return f"{params.get('backend', '?')} {params.get('precision', '?')}{trial}"
 
 
 def _version_tags(promoted: Promoted) -> dict[str, str]:

@@ -267,11 +267,11 @@ def trials_worth_storing(study: optuna.Study, policy: registry.Policy) -> list[F
     """The feasible Pareto front and the policy's best feasible trial (the champion-to-be): the trials whose model
     files are logged."""
     chosen = {t.number: t for t in study.best_trials if feasible(t)}
-    pool = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if feasible(t)]
-    if pool:
-        scores = policy.scores([t.user_attrs.get("metrics", {}) for t in pool])
-        best = max(range(len(pool)), key=lambda i: (scores[i], -pool[i].user_attrs["metrics"].get("size_mb", 0)))
-        chosen.setdefault(pool[best].number, pool[best])
+    pool = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if feasible(t) and "twin_of" not in t.user_attrs]
+    if pool:  # the pick promotion makes: on the front of every objective, ties broken alike
+        best = pool[policy.pick([t.user_attrs["metrics"] for t in pool])]
+        chosen.setdefault(best.number, best)
     return [chosen[n] for n in sorted(chosen) if "twin_of" not in chosen[n].user_attrs]
 
 
