@@ -17,6 +17,7 @@ that leaves them out) and a folder with ``auto_map`` in any of its JSON files is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -306,6 +307,27 @@ def pinned_download(requirement: str, filename: str, sha256: str, *, binary: boo
             raise EdgeError(f"cannot fetch {requirement} with pip: {procs.last_error_line(proc.stderr)}")
         os.replace(fetched, path)
     return path
+
+
+def matrix_widths(source: SourceModel) -> dict[int, int]:
+    """Parameters of ``source``'s weight matrices by their row width (the last dimension: a linear layer's input
+    features, an embedding's width), read from the safetensors headers alone: what a quantizer with fixed-size
+    blocks along a row can cover."""
+    return dict(_matrix_widths(str(source.path)))
+
+
+@functools.lru_cache(maxsize=16)
+def _matrix_widths(folder: str) -> tuple[tuple[int, int], ...]:
+    from safetensors import safe_open
+
+    widths: dict[int, int] = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), "np") as handle:
+            for name in handle.keys():
+                shape = handle.get_slice(name).get_shape()
+                if len(shape) == 2:
+                    widths[int(shape[1])] = widths.get(int(shape[1]), 0) + int(shape[0]) * int(shape[1])
+    return tuple(sorted(widths.items()))
 
 
 def count_parameters(safetensors_files: list[Path]) -> int:

@@ -158,6 +158,16 @@ def typed_options(backend: str, specs: Sequence[OptionSpec], options: Mapping[st
     return {name: by_name[name].parse(value) for name, value in given.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class Bits:
+    """What a configuration spends on its weights, known before quantizing: bits per weight (from the type, group
+    size, ratio or recipe budget) and the method that spends them. Of one backend, configurations of one method
+    order by fidelity as they order by ``bpw``: the search follows that order (:mod:`mlflow_edge.search.precision`)."""
+
+    method: str
+    bpw: float
+
+
 class Backend(Protocol):
     """One framework: convert, quantize, load; registered in the entry-point group ``mlflow_edge.backends``.
 
@@ -235,6 +245,12 @@ class Backend(Protocol):
         """The framework's usual defaults as :meth:`search_space` parameters (``{"llamacpp.precision": "Q4_K_M",
         …}``), and any configuration of its own a new study should see early (llama.cpp's budgeted ``MIXED`` recipe):
         a new study tries them first, so a search never ends without having seen what users pick by hand."""
+        ...
+
+    def precision_bits(self, precision: str, options: Mapping[str, Any], source: "SourceModel") -> Bits | None:
+        """The :class:`Bits` of ``precision`` with ``options`` (as :meth:`search_space` returns them) on ``source``,
+        ``None`` when they cannot be known before quantizing. Optional: a backend without it is searched in
+        TPE's order alone."""
         ...
 
     def search_space(self, trial: Any) -> tuple[str, dict[str, Any]]:

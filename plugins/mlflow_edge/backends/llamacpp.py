@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from mlflow_edge import cache, procs, recipes
-from mlflow_edge.backends.base import Artifact, Generation, OptionSpec, option_bool, typed_options
+from mlflow_edge.backends.base import Artifact, Bits, Generation, OptionSpec, option_bool, typed_options
 from mlflow_edge.errors import EdgeError
 
 CONVERT_PRECISIONS = ("f32", "f16", "bf16", "q8_0")
@@ -56,6 +56,19 @@ SEARCH_BUDGETS_BPW = (4.5, 5.0, 5.5, 6.0, 6.5)
 """Bits per weight (of the quantized tensors) the search samples for a :data:`MIXED` recipe: from Q4_0's size to
 between Q6_K and Q8_0, where the gates of a real evaluation usually fall."""
 MIXED_START_BPW = 6.0
+TYPE_BPW: dict[str, tuple[float, str | None]] = {
+    "Q2_K": (2.96, "Q2_K"), "Q3_K_S": (3.50, "Q3_K"), "Q3_K_M": (3.91, "Q3_K"), "Q3_K_L": (4.27, "Q3_K"),
+    "Q4_0": (4.50, None), "Q4_1": (5.00, None), "Q4_K_S": (4.58, "Q4_K"), "Q4_K_M": (4.84, "Q4_K"),
+    "Q5_0": (5.50, None), "Q5_1": (6.00, None), "Q5_K_S": (5.52, "Q5_K"), "Q5_K_M": (5.68, "Q5_K"),
+    "Q6_K": (6.56, "Q6_K"), "Q8_0": (8.50, None),
+}
+"""Bits per weight of the uniform types: the block types' own, the mixtures' averages on a 7B Llama (llama.cpp's
+quantize tables), and the k-quant each mixture is made of (``None``: a legacy type that never falls back)."""
+K_FALLBACK_BPW = {"Q2_K": 4.5, "Q3_K": 4.5, "Q4_K": 5.5, "Q5_K": 6.0, "Q6_K": 8.5}
+"""Bits per weight llama.cpp falls back to for a k-quant on rows that are no multiple of its 256-wide blocks
+(IQ4_NL, Q5_0, Q5_1, Q8_0)."""
+K_BLOCK = 256
+
 """The budget of the mixed recipe a new study tries first: between Q5_K_M and Q6_K on models whose rows are multiples
 of 256, and just under Q4_K_M on SmolLM2 (6.16 bits per quantized weight there: its 576-wide rows make the k-quants
 fall back to Q5_0 / Q5_1)."""
@@ -180,6 +193,22 @@ class LlamaCppBackend:
         if options["imatrix"]:
             options["imatrix_chunks"] = 8
         return precision, options
+
+    def precision_bits(self, precision: str, options: Mapping[str, Any], source: Any) -> Bits | None:
+        imatrix = "+imatrix" if option_bool(options.get("imatrix", False)) else ""
+        if precision == MIXED:
+            target = options.get("target_bpw")
+            return Bits("mixed" + imatrix, float(target)) if target is not None else None
+        if precision not in TYPE_BPW:
+            return None
+        bpw, k_type = TYPE_BPW[precision]
+        if k_type is not None:  # rows no multiple of 256 (SmolLM2's 576) fall back to a legacy type
+            from mlflow_edge.sources import matrix_widths
+
+            widths = matrix_widths(source)
+            narrow = sum(n for width, n in widths.items() if width % K_BLOCK) / max(sum(widths.values()), 1)
+            bpw = (1 - narrow) * bpw + narrow * max(K_FALLBACK_BPW[k_type], bpw)
+        return Bits("type" + imatrix, round(bpw, 3))
 
     # -- convert -------------------------------------------------------------------------------------------------
     def convert(self, source: Any, out_dir: Path, precision: str) -> Artifact:

@@ -68,7 +68,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 import numpy as np
 
 from mlflow_edge import recipes
-from mlflow_edge.backends.base import Artifact, Generation, OptionSpec, typed_options
+from mlflow_edge.backends.base import Artifact, Bits, Generation, OptionSpec, typed_options
 from mlflow_edge.errors import EdgeError, first_line
 
 CONVERT_PRECISIONS = ("float32", "float16", "bfloat16")
@@ -553,6 +553,17 @@ class MLXBackend:
             bits = trial.suggest_categorical("mlx.q_bits", [3, 4, 5, 6, 8])
             return f"q{bits}_g{group}", {}
         return recipe, {"q_group_size": group}
+
+    def precision_bits(self, precision: str, options: Mapping[str, Any], source: Any) -> Bits | None:
+        # affine quantization: the bits and a scale and a bias (16 bits each) per group; mlx-lm's mixed recipes keep
+        # about a quarter of the weights (v_proj, down_proj of some layers, lm_head) at the high bits
+        if match := re.fullmatch(r"q(\d+)_g(\d+)", precision):
+            bits, group = int(match.group(1)), int(match.group(2))
+            return Bits("affine", bits + 32 / group)
+        if match := re.fullmatch(r"mixed_(\d)_(\d)", precision):
+            low, high = int(match.group(1)), int(match.group(2))
+            return Bits("mixed", 0.75 * low + 0.25 * high + 32 / int(options.get("q_group_size") or 64))
+        return None
 
     # -- convert -------------------------------------------------------------------------------------------------
     def convert(self, source: Any, out_dir: Path, precision: str) -> Artifact:

@@ -62,7 +62,7 @@ from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from mlflow_edge.backends.base import Artifact, Generation, OptionSpec, typed_options
+from mlflow_edge.backends.base import Artifact, Bits, Generation, OptionSpec, typed_options
 from mlflow_edge.errors import EdgeError, first_line
 
 MODEL_FILE = "model.onnx"
@@ -270,6 +270,18 @@ class ONNXRuntimeBackend:
         if len(providers) > 1:  # an accelerator's provider is sampled only where it is installed
             options["execution_provider"] = trial.suggest_categorical("onnxruntime.execution_provider", providers)
         return precision, {k: v for k, v in options.items() if v is not None}
+
+    def precision_bits(self, precision: str, options: Mapping[str, Any], source: Any) -> Bits | None:
+        # MatMulNBits: the weight bits, an fp16 scale per block, and a zero point of the weight's bits when asymmetric
+        if precision in WEIGHT_ONLY:
+            algorithm, bits = WEIGHT_ONLY[precision]
+            block = int(options.get("block_size") or 32)
+            symmetric = options.get("is_symmetric", True) not in (False, "false", "False")
+            last = f"+last_matmul={options['last_matmul']}" if options.get("last_matmul") else ""
+            return Bits(algorithm + last, bits + (16 + (0 if symmetric else bits)) / block)
+        if precision in (INT8_DYNAMIC, INT8_STATIC):  # weights and activations, one scale per tensor or channel
+            return Bits(precision.removeprefix("int8_"), 8.0)
+        return None
 
     # -- convert -------------------------------------------------------------------------------------------------
     def convert(self, source: Any, out_dir: Path, precision: str) -> Artifact:

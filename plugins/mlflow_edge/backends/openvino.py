@@ -75,7 +75,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from mlflow_edge import recipes
-from mlflow_edge.backends.base import Artifact, Generation, OptionSpec, option_bool, typed_options
+from mlflow_edge.backends.base import Artifact, Bits, Generation, OptionSpec, option_bool, typed_options
 from mlflow_edge.errors import EdgeError
 
 MODEL_XML = "openvino_model.xml"
@@ -272,6 +272,22 @@ class OpenVINOBackend:
             if options["awq"] or options["scale_estimation"]:
                 options["subset_size"] = 32
         return mode, options
+
+    def precision_bits(self, precision: str, options: Mapping[str, Any], source: Any) -> Bits | None:
+        # NNCF: 8-bit modes per channel; 4-bit modes with an fp16 scale (and a 4-bit zero point when asymmetric) per
+        # group on `ratio` of the layers, the rest in INT8_ASYM; AWQ and scale estimation are methods of their own
+        mode = precision.upper()
+        family = "nf4" if mode == "NF4" else "asym" if mode.endswith("_ASYM") else "sym"
+        if mode in ("INT8_SYM", "INT8_ASYM"):
+            return Bits(family, 8.0)
+        if mode not in FOUR_BIT_MODES:
+            return None
+        group = int(options.get("group_size") or 128)
+        ratio = float(options.get("ratio") if options.get("ratio") is not None else 1.0)
+        four = 4 + (16 + (4 if family == "asym" else 0)) / group
+        aware = "".join(f"+{name}" for name in ("awq", "scale_estimation", "gptq")
+                        if option_bool(options.get(name, False)))
+        return Bits(family + aware, ratio * four + (1 - ratio) * 8.0)
 
     # -- convert -------------------------------------------------------------------------------------------------
     def convert(self, source: Any, out_dir: Path, precision: str) -> Artifact:

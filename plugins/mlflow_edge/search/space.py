@@ -113,12 +113,17 @@ class DistinctSampler(optuna.samplers.BaseSampler):
     trial holds; while the trial suggests its parameters one by one, a value ``base`` picks that leaves no such point
     is replaced by one that does (seeded choice), so every trial of the budget measures something new. Fixed
     parameters (enqueued trials) are taken as given. Sampling is independent per parameter, as TPE's default is.
+    With an ``order`` (:class:`~mlflow_edge.search.precision.PrecisionOrder`) the unlikely points are left while
+    others remain, and a trial takes the order's next step when it has one.
     """
 
-    def __init__(self, base: optuna.samplers.BaseSampler, space: Sequence[dict[str, Any]], seed: int = 0) -> None:
+    def __init__(self, base: optuna.samplers.BaseSampler, space: Sequence[dict[str, Any]], seed: int = 0,
+                 order: Any = None) -> None:
         self.base = base
         self.space = list(space)
         self.open: list[dict[str, Any]] = list(space)
+        self.order = order
+        self.target: dict[str, Any] | None = None
         self._rng = random.Random(seed)
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
@@ -130,10 +135,17 @@ class DistinctSampler(optuna.samplers.BaseSampler):
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         others = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
         self.open = unmeasured(self.space, others)
+        self.target = None
+        if self.order is not None:  # the order of precision: no unlikely point while others are left, a next step
+            self.open = self.order.plausible(self.open, others)
+            self.target = self.order.next_point(self.open, others)
         self.base.before_trial(study, trial)
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
                            param_distribution: optuna.distributions.BaseDistribution) -> Any:
+        target = self.target
+        if target is not None and param_name in target and all(target.get(k) == v for k, v in trial.params.items()):
+            return target[param_name]
         value = self.base.sample_independent(study, trial, param_name, param_distribution)
         reachable = [p for p in self.open if all(k in p and p[k] == v for k, v in trial.params.items())]
         allowed = [p[param_name] for p in reachable if param_name in p]

@@ -61,6 +61,7 @@ from mlflow_edge.runs import (
     tracked_run,
 )
 from mlflow_edge.search.plots import point_label, write_front_plots
+from mlflow_edge.search.precision import BITS_ATTR, PREDICTED_ATTR, PrecisionOrder, gated_starting_points
 from mlflow_edge.search.space import (
     DistinctSampler,
     backends_for,
@@ -366,12 +367,14 @@ class Objective:
     prune_margin: float = 0.02
     model_spec: str = ""
     calibration_path: str | None = None
+    order: PrecisionOrder | None = None
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         trial.set_user_attr("owner", procs.owner_tag())  # a search on this host can tell when this process is gone
         backend, precision, options = suggest(trial, self.backends)
         for key, value in (("backend", backend), ("precision", precision), ("options", options)):
             trial.set_user_attr(key, value)
+        self._record_bits(trial, backend, precision, options)
         twin = earlier_twin(trial.study, trial)
         if twin is not None:
             return self._reuse(trial, twin)
@@ -390,6 +393,7 @@ class Objective:
                 self._screen(trial, artifact, known)
                 metrics = evaluate_candidate(self.evaluator, artifact, self.gates, self.target, self.study_name,
                                              base=base, log_model=False, known_accuracy=known)["metrics"]
+                log_prediction(trial, metrics)
         except optuna.TrialPruned:
             raise
         except Exception as exc:
@@ -430,10 +434,23 @@ class Objective:
         reason += "; ".join(f"{g.group} fails even at best "
                             f"({', '.join(f'{r.gate.metric}={r.value:.4g}' for r in g.results)})" for g in failed)
         mlflow.log_metrics({f"screen.{k}": v for k, v in early.items()})
+        log_prediction(trial, early)
         trial.set_user_attr("screen", {k: float(v) for k, v in early.items()})
         self._constrain(trial, early)
         progress(f"trial {trial.number} ({artifact.precision}) {reason}")
         raise optuna.TrialPruned(reason)
+
+    def _record_bits(self, trial: optuna.Trial, backend: str, precision: str, options: dict[str, Any]) -> None:
+        """The trial's bits and method (:data:`BITS_ATTR`) and the mean KLD the order of precision predicts for it."""
+        if self.order is None:
+            return
+        config = self.order.configuration_of(trial.params)
+        if config is None or config.bits is None:
+            return
+        trial.set_user_attr(BITS_ATTR, {"method": config.bits.method, "bpw": config.bits.bpw})
+        predicted = self.order.predicted_kld(config, trial.study.get_trials(deepcopy=False))
+        if predicted is not None:
+            trial.set_user_attr(PREDICTED_ATTR, predicted)
 
     def _constrain(self, trial: optuna.Trial, metrics: dict[str, float]) -> None:
         violations = self.gates.violations(metrics)
@@ -453,6 +470,19 @@ class Objective:
             raise optuna.TrialPruned(f"same parameters as pruned trial {twin.number}")
         progress(f"trial {trial.number} has the parameters of trial {twin.number}: its result is reused")
         return tuple(twin.values)
+
+
+def log_prediction(trial: optuna.Trial, metrics: dict[str, float]) -> None:
+    """On the active run: the bits, the mean KLD predicted before the trial and the prediction's error (the log of
+    measured over predicted)."""
+    bits, predicted = trial.user_attrs.get(BITS_ATTR), trial.user_attrs.get(PREDICTED_ATTR)
+    kld = metrics.get("kld_mean")
+    if bits:
+        mlflow.set_tags({"mlflow_edge.bits.method": bits["method"]})
+        mlflow.log_metric("search.nominal_bpw", bits["bpw"])
+    if predicted and kld and kld > 0:
+        mlflow.log_metrics({"search.predicted_kld_mean": predicted,
+                            "search.kld_prediction_error": math.log(kld / predicted)})
 
 
 def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float | None = None,
@@ -556,9 +586,10 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
             progress(f"marked trial(s) {', '.join(map(str, stale))} FAIL: left RUNNING by a stopped search; their "
                      "configurations are queued again")
         space = enumerate_space(backends)
-        study.sampler = _sampler(space, seed + before, trials)
-        if before == 0:  # a new study: the backends' usual defaults first, as far as the budget goes
-            for point in starting_points(backends)[:trials]:
+        order = precision_order(space, backends, source, gate_spec)
+        study.sampler = _sampler(space, seed + before, trials, order)
+        if before == 0:  # a new study: the backends' usual defaults (or the gates' bits) first, as the budget allows
+            for point in gated_starting_points(starting_points(backends), order, gate_spec)[:trials]:
                 study.enqueue_trial(point, skip_if_exists=True)
         study.set_user_attr(COORDINATION_ATTR, {
             "version": __version__, "space": space_digest(space, backends), "parent_run_id": parent.info.run_id,
@@ -574,7 +605,7 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
         here = settings if measurable else dataclasses.replace(settings, speed=False)  # no speed without hardware
         objective = Objective(source, backends, target, name, goals, gate_spec, Evaluator(source, here),
                               calibration, screen_windows, prune_margin, model_spec=model,
-                              calibration_path=calibration_path)
+                              calibration_path=calibration_path, order=order)
         runner = DeviceWorkers(name, target, storage_label, timeout) if coordinate_only else None
         try:
             if remaining != 0:  # a study with nothing left to run measures nothing again
@@ -636,12 +667,14 @@ def _work_on(study: optuna.Study, record: dict[str, Any], study_name: str, setti
     """A worker's trials of ``study`` with the coordinator's ``record``, nested under the active worker run."""
     source = resolve_source(record["model"])
     space = enumerate_space(record["backends"])
-    study.sampler = _sampler(space, os.getpid() + len(study.trials), record["budget"])
+    gates = parse_gates(record["gates"])
+    order = precision_order(space, record["backends"], source, gates)
+    study.sampler = _sampler(space, os.getpid() + len(study.trials), record["budget"], order)
     goals = parse_objectives(record["objectives"], accuracy_only=not settings.speed)
-    objective = Objective(source, record["backends"], record["target"], study_name, goals,
-                          parse_gates(record["gates"]), Evaluator(source, settings),
-                          calibration_text(record["calibration"]), record["screen_windows"],
-                          record["prune_margin"], model_spec=record["model"], calibration_path=record["calibration"])
+    objective = Objective(source, record["backends"], record["target"], study_name, goals, gates,
+                          Evaluator(source, settings), calibration_text(record["calibration"]),
+                          record["screen_windows"], record["prune_margin"], model_spec=record["model"],
+                          calibration_path=record["calibration"], order=order)
     try:
         _adopt_reference(study, objective.evaluator, wait_s)
         progress(f"worker of study {study_name} ({label}): {measured_count(study)} of {record['budget']} trial(s) "
@@ -711,13 +744,20 @@ def _adopt_reference(study: optuna.Study, evaluator: Evaluator, wait_s: float) -
         evaluator.evaluate_reference()
 
 
-def _sampler(space: list[dict[str, Any]] | None, seed: int, trials: int | None) -> optuna.samplers.BaseSampler:
-    """TPE kept to unmeasured configurations (when the space can be listed). A resumed study draws on from where it
-    stopped (``seed`` counts its trials) instead of replaying the first call's random start-up trials; a small budget
-    keeps TPE's random start-up short enough to leave it trials to learn from."""
+def _sampler(space: list[dict[str, Any]] | None, seed: int, trials: int | None,
+             order: PrecisionOrder | None = None) -> optuna.samplers.BaseSampler:
+    """TPE kept to unmeasured configurations (when the space can be listed), in the order of precision. A resumed
+    study draws on from where it stopped (``seed`` counts its trials) instead of replaying the first call's random
+    start-up trials; a small budget keeps TPE's random start-up short enough to leave it trials to learn from."""
     startup = min(10, max(2, (trials or 10) // 2))
     tpe = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
-    return tpe if space is None else DistinctSampler(tpe, space, seed)
+    return tpe if space is None else DistinctSampler(tpe, space, seed, order)
+
+
+def precision_order(space: list[dict[str, Any]] | None, backends: Sequence[str], source: SourceModel,
+                    gates: Gates) -> PrecisionOrder | None:
+    """The space's configurations with their bits (``None`` when the space cannot be listed)."""
+    return None if space is None else PrecisionOrder.of(space, backends, source, gates)
 
 
 def _log_search_report(study: optuna.Study, goals: Sequence[tuple[str, str]], champion_run_id: str | None) -> None:
