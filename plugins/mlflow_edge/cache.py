@@ -112,6 +112,13 @@ def get_or_build(kind: str, key: Mapping[str, Any], build: Callable[[Path], None
     return final
 
 
+def find(kind: str, key: Mapping[str, Any], root: Path | None = None) -> Path | None:
+    """The complete, undamaged cache folder for ``(kind, key)`` when one was built, else ``None`` (nothing is
+    built): for what is worth using only when it is already there."""
+    final = (root or cache_root()) / kind / key_digest(key)
+    return final if _damage(final) is None else None
+
+
 def _build(final: Path, key: Mapping[str, Any], build: Callable[[Path], None]) -> None:
     """Build into a temporary folder owned by this process, write its manifest last, and rename it into place."""
     tmp = _build_folder(final)

@@ -225,3 +225,20 @@ def test_a_size_target_without_calibration(backend: LlamaCppBackend, f16: Artifa
     recipe = recipes.load_recipe(artifact.path.parent / "recipe.json")
     assert recipe.default_type == "Q8_0" and recipe.sensitivity["error"] == "squared"
     assert recipe.budget == {"target_size_mb": target_mb}
+
+
+def test_a_measured_table_estimates_each_types_mean_kld(backend: LlamaCppBackend, mixed: Artifact, f16: Artifact,
+                                                       tiny_source: SourceModel) -> None:
+    """Once a budgeted recipe measured the table, it estimates the mean KLD of the uniform types it covers and of
+    other budgets (what the search orders its trials by); options whose table was never measured estimate nothing."""
+    calibration = calibration_text()
+    estimate = functools.partial(backend.estimated_kld, f16, calibration=calibration, source=tiny_source)
+    ladder = [estimate(kind, MEASURED) for kind in ("Q8_0", "Q6_K", "Q4_K_M")]
+    assert all(value is not None and value > 0 for value in ladder) and ladder == sorted(ladder)
+    assert estimate("Q4_K_S", MEASURED) == estimate("Q4_K_M", MEASURED)  # one main k-quant: one estimate
+    assert estimate("Q3_K_M", MEASURED) is None  # Q3_K is not among this table's types
+    looser, tighter = (estimate("MIXED", {**MEASURED, "target_bpw": bpw}) for bpw in (4.8, 7.0))
+    assert tighter < looser
+    assert estimate("Q4_K_M", {**MEASURED, "imatrix_chunks": 2}) is None  # that table was never measured
+    recipe = recipes.load_recipe(mixed.path.parent / "recipe.json")
+    assert looser == pytest.approx(recipe.predicted["error"] / 2)

@@ -10,7 +10,15 @@ import pytest
 from optuna.trial import TrialState
 
 from mlflow_edge.gates import resolve_gates
-from mlflow_edge.search.precision import BITS_ATTR, NOISE_SLOPE, Evidence, PrecisionOrder, gated_starting_points
+from mlflow_edge.search.precision import (
+    BITS_ATTR,
+    ESTIMATED_ATTR,
+    NOISE_SLOPE,
+    Evidence,
+    PrecisionOrder,
+    estimate_scale,
+    gated_starting_points,
+)
 from mlflow_edge.search.space import backends_for, enumerate_space
 from mlflow_edge.search.study import starting_points
 
@@ -87,6 +95,24 @@ def test_the_next_step_is_the_smallest_predicted_to_pass_below_a_pass(space, tin
         _llamacpp("Q5_K_S")  # the last one between the failure at 5.5 and the pass at 5.68
     no_gate = PrecisionOrder(order.configurations, resolve_gates("accuracy_retention>=0.95"))
     assert no_gate.next_point(open_points, [passed]) == _llamacpp("Q6_K")  # no KLD ceiling: the next lower bits
+
+
+def test_a_sensitivity_estimate_takes_the_fits_place_scaled_by_the_trials(space, tiny_source):
+    """A backend's own estimate orders the steps; how its earlier estimates met the measurements scales it."""
+    base = _order(space, tiny_source, "balanced")
+    estimates = {"Q6_K": 0.004, "Q5_K_M": 0.012, "Q5_K_S": 0.014, "Q5_1": 0.02, "Q5_0": 0.03, "Q4_1": 0.04,
+                 "Q4_K_M": 0.045, "Q4_K_S": 0.05, "Q4_0": 0.07}
+    order = PrecisionOrder(base.configurations, base.gates,
+                           lambda c: estimates.get(c.precision) if c.backend == "llamacpp" else None)
+    passed = _trial(order, 0, _llamacpp("Q8_0"), kld=0.0005)
+    open_points = [p for p in space if p != passed.params]
+    assert order.next_point(open_points, [passed]) == _llamacpp("Q4_K_S")  # the fit alone says Q5_0
+    passed.user_attrs[ESTIMATED_ATTR] = 0.00025  # the estimates run at half the measured KLD
+    assert estimate_scale([passed], "llamacpp", order.gates) == pytest.approx(2.0)
+    assert order.next_point(open_points, [passed]) == _llamacpp("Q5_K_S")  # 0.028 after scaling; Q5_0 0.06
+    assert order.predicted_kld(order.configuration_of(_llamacpp("Q4_0")), [passed]) == pytest.approx(0.14)
+    failing = PrecisionOrder(base.configurations, base.gates, lambda c: 1 / 0)
+    assert failing.next_point(open_points, [passed]) == _llamacpp("Q5_0")  # a failing estimate leaves the fit
 
 
 def test_every_method_gets_its_turn(space, tiny_source):

@@ -68,6 +68,12 @@ K_FALLBACK_BPW = {"Q2_K": 4.5, "Q3_K": 4.5, "Q4_K": 5.5, "Q5_K": 6.0, "Q6_K": 8.
 """Bits per weight llama.cpp falls back to for a k-quant on rows that are no multiple of its 256-wide blocks
 (IQ4_NL, Q5_0, Q5_1, Q8_0)."""
 K_BLOCK = 256
+TABLE_TYPE = {"Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K", "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K",
+              "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "Q8_0": "Q8_0"}
+"""The sensitivity table's type a uniform type is estimated by (its mixtures' main k-quant)."""
+FALLBACK_TYPE = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "IQ4_XS": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1",
+                 "Q6_K": "Q8_0"}
+"""The type llama.cpp writes instead of a k-quant on a row that is no multiple of 256 (the table holds its row)."""
 
 """The budget of the mixed recipe a new study tries first: between Q5_K_M and Q6_K on models whose rows are multiples
 of 256, and just under Q4_K_M on SmolLM2 (6.16 bits per quantized weight there: its 576-wide rows make the k-quants
@@ -209,6 +215,21 @@ class LlamaCppBackend:
             narrow = sum(n for width, n in widths.items() if width % K_BLOCK) / max(sum(widths.values()), 1)
             bpw = (1 - narrow) * bpw + narrow * max(K_FALLBACK_BPW[k_type], bpw)
         return Bits("type" + imatrix, round(bpw, 3))
+
+    def estimated_kld(self, base: Artifact, precision: str, options: Mapping[str, Any], calibration: Any,
+                      source: Any) -> float | None:
+        """The mean KLD the per-tensor sensitivity predicts for a configuration — half its summed Fisher-weighted
+        error (:func:`tensor_errors`), a uniform type estimated by its main k-quant on every tensor — when the table
+        is already measured for ``base`` (a budgeted recipe measured it); ``None`` otherwise."""
+        options = typed_options(self.name, self.option_specs(), options)
+        table = measured_sensitivity(base, options, calibration, source)
+        if table is None:
+            return None
+        if precision == MIXED and options.get("target_bpw") is not None:
+            budget = recipes.budget_bits(table, target_bpw=options["target_bpw"])
+            return recipes.predict(table, recipes.allocate(table, budget))["error"] / 2
+        error = _uniform_error(table, TABLE_TYPE[precision]) if precision in TABLE_TYPE else None
+        return None if error is None else error / 2
 
     # -- convert -------------------------------------------------------------------------------------------------
     def convert(self, source: Any, out_dir: Path, precision: str) -> Artifact:
@@ -439,8 +460,7 @@ def _imatrix(base: Artifact, options: Mapping[str, Any], calibration: Any, sourc
     if calibration is None or source is None:
         raise EdgeError("an importance matrix needs calibration text and the source model")
     chunks = int(options.get("imatrix_chunks") or 16)
-    key = {"source": source.sha256, "calibration": calibration.sha256, "chunks": chunks, "base": base.precision,
-           "version": 1}
+    key = _imatrix_key(base, options, calibration, source)
     cached = cache.get_or_build(
         "imatrix", key, lambda tmp: compute_imatrix(source, base, calibration, tmp / "imatrix.gguf", chunks)
     )
@@ -540,6 +560,36 @@ def _tensor_reader() -> type:
     return TensorReader
 
 
+def _imatrix_key(base: Artifact, options: Mapping[str, Any], calibration: Any, source: Any) -> dict[str, Any]:
+    return {"source": source.sha256, "calibration": calibration.sha256,
+            "chunks": int(options.get("imatrix_chunks") or 16), "base": base.precision, "version": 1}
+
+
+def _sensitivity_key(base: Artifact, types: Sequence[str], options: Mapping[str, Any],
+                     imatrix_key: Mapping[str, Any] | None, calibration: Any, source: Any) -> dict[str, Any]:
+    weighted = calibration is not None and source is not None
+    chunks = int(options.get("imatrix_chunks") or 16)
+    return {"source": base.source_sha256, "base": base.precision, "base_bytes": base.path.stat().st_size,
+            "types": list(types), "imatrix": dict(imatrix_key) if imatrix_key else None,
+            "fisher": {"calibration": calibration.sha256, "chunks": chunks} if weighted else None,
+            "allow_requantize": option_bool(options.get("allow_requantize", False)),
+            "llama_cpp_python": require_llama_cpp().__version__, "version": 1}
+
+
+def measured_sensitivity(base: Artifact, options: Mapping[str, Any], calibration: Any, source: Any) -> Any:
+    """The sensitivity table a budgeted recipe with ``options`` would use, when it is already measured (cached),
+    else ``None``: nothing is measured here."""
+    import pandas as pd
+
+    imatrix = option_bool(options.get("imatrix", False))
+    if imatrix and (calibration is None or source is None):
+        return None
+    key = _sensitivity_key(base, _candidate_types(options), options,
+                           _imatrix_key(base, options, calibration, source) if imatrix else None, calibration, source)
+    folder = cache.find("gguf-sensitivity", key)
+    return None if folder is None else pd.read_csv(folder / "sensitivity.csv", dtype={"tensor": str, "type": str})
+
+
 def sensitivity_table(base: Artifact, types: Sequence[str], options: Mapping[str, Any], imatrix: _Imatrix | None,
                       calibration: Any = None, source: Any = None) -> Any:
     """The sensitivity table of ``base`` (:data:`mlflow_edge.recipes.TABLE_COLUMNS`): every quantizable tensor at the
@@ -550,11 +600,7 @@ def sensitivity_table(base: Artifact, types: Sequence[str], options: Mapping[str
 
     chunks = int(options.get("imatrix_chunks") or 16)
     weighted = calibration is not None and source is not None
-    key = {"source": base.source_sha256, "base": base.precision, "base_bytes": base.path.stat().st_size,
-           "types": list(types), "imatrix": dict(imatrix.key) if imatrix else None,
-           "fisher": {"calibration": calibration.sha256, "chunks": chunks} if weighted else None,
-           "allow_requantize": option_bool(options.get("allow_requantize", False)),
-           "llama_cpp_python": require_llama_cpp().__version__, "version": 1}
+    key = _sensitivity_key(base, types, options, imatrix.key if imatrix else None, calibration, source)
 
     def measure(tmp: Path) -> None:
         fisher = fisher_factors(source, base.path, calibration, chunks) if weighted else None
@@ -610,6 +656,20 @@ def _weighted_error(squares: np.ndarray, factors: Sequence[tuple[np.ndarray, np.
 
 def _mean_factor(fisher: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]]) -> float:
     return float(np.mean([float(r.mean()) * float(c.mean()) for pairs in fisher.values() for r, c in pairs]))
+
+
+def _uniform_error(table: Any, kind: str) -> float | None:
+    """The table's summed error with every tensor at ``kind`` (its fallback's row where llama.cpp wrote that)."""
+    by_tensor = table.set_index(["tensor", "type"])["error"]
+    total = 0.0
+    for tensor in table["tensor"].unique():
+        for candidate in (kind, FALLBACK_TYPE.get(kind)):
+            if candidate and (tensor, candidate) in by_tensor.index:
+                total += float(by_tensor[(tensor, candidate)])
+                break
+        else:
+            return None
+    return total
 
 
 def _fixed_bits(base_path: Path, table: Any) -> float:

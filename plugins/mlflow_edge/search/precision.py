@@ -11,6 +11,9 @@ method, fidelity falls as the bits fall, so every finished trial says something 
   trial the search tries the configuration of that method **predicted to sit nearest the KLD gate** (the smallest
   predicted to pass below the smallest that passed; :meth:`PrecisionOrder.next_point`). Without a KLD gate a pass
   makes the next lower bits worth trying;
+- where a backend measured its own per-tensor sensitivity (llama.cpp, for a budgeted recipe), its estimate of each
+  configuration's mean KLD (:class:`SensitivityEstimate`), scaled by how its earlier estimates met the trials, takes
+  the fit's place;
 - the starting points follow the gates: a near-lossless KLD ceiling starts each backend at its 8-bit configuration,
   a loose one at 4 bits, the default at the backends' own defaults (:func:`gated_starting_points`).
 
@@ -37,6 +40,8 @@ BITS_ATTR = "bits"
 """Trial user attribute: ``{"method", "bpw"}`` of its configuration (:class:`Bits`)."""
 PREDICTED_ATTR = "predicted_kld_mean"
 """Trial user attribute: the mean KLD :class:`PrecisionOrder` predicted for it before it was measured."""
+ESTIMATED_ATTR = "estimated_kld_mean"
+"""Trial user attribute: the backend's own sensitivity estimate of its mean KLD (:class:`SensitivityEstimate`)."""
 NOISE_SLOPE = math.log(4.0)
 """How much ``log KLD`` falls per bit when a method has one measured trial: one bit more quarters the noise power."""
 SLOPE_RANGE = (0.2, 2.5)
@@ -53,6 +58,8 @@ class Configuration:
     params: Mapping[str, Any]
     backend: str
     bits: Bits | None
+    precision: str = ""
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def group(self) -> tuple[str, str] | None:
@@ -62,7 +69,26 @@ class Configuration:
 def configuration(params: Mapping[str, Any], backends: Sequence[str], source: SourceModel) -> Configuration:
     """``params`` (a trial's, or a point of the listed space) with their backend's :class:`Bits`."""
     backend, precision, options = suggest(optuna.trial.FixedTrial(dict(params)), backends)
-    return Configuration(dict(params), backend, bits_of(backend, precision, options, source))
+    return Configuration(dict(params), backend, bits_of(backend, precision, options, source), precision, options)
+
+
+@dataclasses.dataclass
+class SensitivityEstimate:
+    """The mean KLD a backend's own per-tensor sensitivity predicts for a configuration, where the backend offers
+    one (``estimated_kld``; llama.cpp, once a budgeted recipe has measured its table) and it is already measured:
+    an estimate is never paid for here."""
+
+    source: SourceModel
+    calibration: Any
+
+    def __call__(self, config: Configuration) -> float | None:
+        from mlflow_edge.artifacts import convert
+
+        estimate = getattr(get_backend(config.backend), "estimated_kld", None)  # optional in the Protocol
+        if estimate is None:
+            return None
+        return estimate(convert(self.source, config.backend), config.precision, config.options, self.calibration,
+                        self.source)
 
 
 def bits_of(backend: str, precision: str, options: Mapping[str, Any], source: SourceModel) -> Bits | None:
@@ -118,14 +144,36 @@ class PrecisionOrder:
 
     configurations: list[Configuration]
     gates: Gates
+    estimate: Any = None
+    """A :class:`SensitivityEstimate` (or any configuration → mean KLD or ``None``), preferred to the fit."""
 
     def __post_init__(self) -> None:
         self._by_params = {_key(c.params): c for c in self.configurations}
 
     @classmethod
     def of(cls, space: Sequence[Mapping[str, Any]], backends: Sequence[str], source: SourceModel,
-           gates: Gates) -> "PrecisionOrder":
-        return cls([configuration(point, backends, source) for point in space], gates)
+           gates: Gates, estimate: Any = None) -> "PrecisionOrder":
+        return cls([configuration(point, backends, source) for point in space], gates, estimate)
+
+    def estimated(self, config: Configuration) -> float | None:
+        """The backend's own estimate of ``config``'s mean KLD, where there is one (errors leave it unknown)."""
+        if self.estimate is None:
+            return None
+        try:
+            value = self.estimate(config)
+        except Exception:  # an estimate only orders the search: a failing one leaves the fit in charge
+            return None
+        return value if value is not None and math.isfinite(value) and value > 0 else None
+
+    def predict(self, config: Configuration, trials: Sequence[FrozenTrial],
+                known: Evidence | None = None) -> float | None:
+        """``config``'s mean KLD: the backend's estimate scaled by how its earlier estimates met the measurements
+        (:func:`estimate_scale`), else the log-linear fit of its method's evidence."""
+        estimate = self.estimated(config)
+        if estimate is not None:
+            return estimate * estimate_scale(trials, config.backend, self.gates)
+        known = known if known is not None else self.evidence(trials).get(config.group) if config.group else None
+        return known.predict(config.bits.bpw) if known is not None else None
 
     def configuration_of(self, params: Mapping[str, Any]) -> Configuration | None:
         """The listed configuration with these parameters."""
@@ -170,12 +218,13 @@ class PrecisionOrder:
         open_keys = {_key(p) for p in open_points}
         for group in sorted(evidence, key=lambda g: latest.get(g, -1)):
             choices = [c for c in self.configurations if c.group == group and _key(c.params) in open_keys]
-            step = self._step(choices, evidence[group])
+            step = self._step(choices, evidence[group], trials)
             if step is not None:
                 return step.params
         return None
 
-    def _step(self, choices: Sequence[Configuration], known: Evidence) -> Configuration | None:
+    def _step(self, choices: Sequence[Configuration], known: Evidence,
+              trials: Sequence[FrozenTrial]) -> Configuration | None:
         """Below the lowest pass and above the highest failure: the smallest predicted to pass the KLD ceiling,
         else the one predicted nearest it; without a ceiling or a prediction, the next lower bits under a pass."""
         between = sorted((c for c in choices if known.highest_failure < c.bits.bpw < known.lowest_pass),
@@ -183,15 +232,26 @@ class PrecisionOrder:
         if not between:
             return None
         ceiling = self.gates.kld_ceiling()
-        predicted = [(c, known.predict(c.bits.bpw)) for c in between]
+        predicted = [(c, self.predict(c, trials, known)) for c in between]
         if ceiling is None or any(p is None for _, p in predicted):
             return between[-1] if known.passed else None
         passing = [c for c, p in predicted if p <= ceiling]
         return passing[0] if passing else min(predicted, key=lambda cp: cp[1])[0]
 
     def predicted_kld(self, config: Configuration, trials: Sequence[FrozenTrial]) -> float | None:
-        known = self.evidence(trials).get(config.group) if config.group else None
-        return known.predict(config.bits.bpw) if known is not None else None
+        return self.predict(config, trials)
+
+
+def estimate_scale(trials: Sequence[FrozenTrial], backend: str, gates: Gates) -> float:
+    """The geometric mean of measured over estimated mean KLD among ``backend``'s finished trials that had an
+    estimate (1 when none had): a sensitivity estimate is right about the order, the trials tell its scale."""
+    ratios = []
+    for trial in trials:
+        estimate = trial.user_attrs.get(ESTIMATED_ATTR)
+        kld = trial_outcome(trial, gates)[1] if trial.user_attrs.get("backend") == backend else None
+        if estimate and kld:
+            ratios.append(math.log(kld / estimate))
+    return math.exp(sum(ratios) / len(ratios)) if ratios else 1.0
 
 
 def start_bits(gates: Gates) -> float | None:

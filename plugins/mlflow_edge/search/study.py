@@ -61,7 +61,14 @@ from mlflow_edge.runs import (
     tracked_run,
 )
 from mlflow_edge.search.plots import point_label, write_front_plots
-from mlflow_edge.search.precision import BITS_ATTR, PREDICTED_ATTR, PrecisionOrder, gated_starting_points
+from mlflow_edge.search.precision import (
+    BITS_ATTR,
+    ESTIMATED_ATTR,
+    PREDICTED_ATTR,
+    PrecisionOrder,
+    SensitivityEstimate,
+    gated_starting_points,
+)
 from mlflow_edge.search.space import (
     DistinctSampler,
     backends_for,
@@ -448,9 +455,12 @@ class Objective:
         if config is None or config.bits is None:
             return
         trial.set_user_attr(BITS_ATTR, {"method": config.bits.method, "bpw": config.bits.bpw})
-        predicted = self.order.predicted_kld(config, trial.study.get_trials(deepcopy=False))
+        others = [t for t in trial.study.get_trials(deepcopy=False) if t.number != trial.number]
+        predicted, estimated = self.order.predicted_kld(config, others), self.order.estimated(config)
         if predicted is not None:
             trial.set_user_attr(PREDICTED_ATTR, predicted)
+        if estimated is not None:
+            trial.set_user_attr(ESTIMATED_ATTR, estimated)
 
     def _constrain(self, trial: optuna.Trial, metrics: dict[str, float]) -> None:
         violations = self.gates.violations(metrics)
@@ -474,7 +484,7 @@ class Objective:
 
 def log_prediction(trial: optuna.Trial, metrics: dict[str, float]) -> None:
     """On the active run: the bits, the mean KLD predicted before the trial and the prediction's error (the log of
-    measured over predicted)."""
+    measured over predicted), and the backend's own sensitivity estimate where there was one."""
     bits, predicted = trial.user_attrs.get(BITS_ATTR), trial.user_attrs.get(PREDICTED_ATTR)
     kld = metrics.get("kld_mean")
     if bits:
@@ -483,6 +493,8 @@ def log_prediction(trial: optuna.Trial, metrics: dict[str, float]) -> None:
     if predicted and kld and kld > 0:
         mlflow.log_metrics({"search.predicted_kld_mean": predicted,
                             "search.kld_prediction_error": math.log(kld / predicted)})
+    if estimated := trial.user_attrs.get(ESTIMATED_ATTR):
+        mlflow.log_metric("search.estimated_kld_mean", estimated)  # the backend's own, before scaling
 
 
 def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float | None = None,
@@ -586,7 +598,7 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
             progress(f"marked trial(s) {', '.join(map(str, stale))} FAIL: left RUNNING by a stopped search; their "
                      "configurations are queued again")
         space = enumerate_space(backends)
-        order = precision_order(space, backends, source, gate_spec)
+        order = precision_order(space, backends, source, gate_spec, calibration)
         study.sampler = _sampler(space, seed + before, trials, order)
         if before == 0:  # a new study: the backends' usual defaults (or the gates' bits) first, as the budget allows
             for point in gated_starting_points(starting_points(backends), order, gate_spec)[:trials]:
@@ -667,13 +679,13 @@ def _work_on(study: optuna.Study, record: dict[str, Any], study_name: str, setti
     """A worker's trials of ``study`` with the coordinator's ``record``, nested under the active worker run."""
     source = resolve_source(record["model"])
     space = enumerate_space(record["backends"])
-    gates = parse_gates(record["gates"])
-    order = precision_order(space, record["backends"], source, gates)
+    gates, calibration = parse_gates(record["gates"]), calibration_text(record["calibration"])
+    order = precision_order(space, record["backends"], source, gates, calibration)
     study.sampler = _sampler(space, os.getpid() + len(study.trials), record["budget"], order)
     goals = parse_objectives(record["objectives"], accuracy_only=not settings.speed)
     objective = Objective(source, record["backends"], record["target"], study_name, goals, gates,
-                          Evaluator(source, settings), calibration_text(record["calibration"]),
-                          record["screen_windows"], record["prune_margin"], model_spec=record["model"],
+                          Evaluator(source, settings), calibration, record["screen_windows"],
+                          record["prune_margin"], model_spec=record["model"],
                           calibration_path=record["calibration"], order=order)
     try:
         _adopt_reference(study, objective.evaluator, wait_s)
@@ -755,9 +767,12 @@ def _sampler(space: list[dict[str, Any]] | None, seed: int, trials: int | None,
 
 
 def precision_order(space: list[dict[str, Any]] | None, backends: Sequence[str], source: SourceModel,
-                    gates: Gates) -> PrecisionOrder | None:
-    """The space's configurations with their bits (``None`` when the space cannot be listed)."""
-    return None if space is None else PrecisionOrder.of(space, backends, source, gates)
+                    gates: Gates, calibration: TextSlice) -> PrecisionOrder | None:
+    """The space's configurations with their bits and the backends' own sensitivity estimates (``None`` when the
+    space cannot be listed)."""
+    if space is None:
+        return None
+    return PrecisionOrder.of(space, backends, source, gates, SensitivityEstimate(source, calibration))
 
 
 def _log_search_report(study: optuna.Study, goals: Sequence[tuple[str, str]], champion_run_id: str | None) -> None:
