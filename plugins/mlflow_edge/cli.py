@@ -48,12 +48,13 @@ def _optional_float(ctx: click.Context, param: click.Parameter, value: str | Non
         raise click.BadParameter(f"{value!r} is not a number") from None
 
 
-def _settings(eval_text: str | None, window: int, windows: int, threads: int | None, repeats: int):
+def _settings(eval_text: str | None, window: int, windows: int, threads: int | None, repeats: int,
+              reference_dtype: str = "auto"):
     from mlflow_edge.evaluation.data import evaluation_text
     from mlflow_edge.evaluation.harness import EvalSettings, default_threads
 
     return EvalSettings(text=evaluation_text(eval_text), window=window, windows=windows,
-                        threads=threads or default_threads(), repeats=repeats)
+                        threads=threads or default_threads(), repeats=repeats, reference_dtype=reference_dtype)
 
 
 _model = click.option("--model", default="demo", show_default=True,
@@ -86,6 +87,10 @@ def _eval_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--windows", default=16, show_default=True, help="number of windows"),
         click.option("--threads", default=None, type=int, help="runtime threads (default: all cores)"),
         click.option("--repeats", default=5, show_default=True, help="repeats of each timed request"),
+        click.option("--reference-dtype", default="auto", show_default=True,
+                     type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+                     help="dtype of the reference (the source in transformers): auto is float32 when it fits this "
+                          "machine's memory, else the source's own 16-bit dtype"),
     ]):
         func = option(func)
     return func
@@ -216,12 +221,12 @@ def _mixed_precision_options(recipe: str | None, target_bpw: float | None,
 @_experiment
 @one_line_errors
 def evaluate(model: str, artifact_uri: str, target: str, gates: str | None, eval_text: str | None, window: int,
-             windows: int, threads: int | None, repeats: int, experiment: str | None) -> None:
+             windows: int, threads: int | None, repeats: int, reference_dtype: str, experiment: str | None) -> None:
     """Measure an artifact against its source model (the reference) and log the conventions' metrics."""
     from mlflow_edge.workflow import run_evaluate
 
-    metrics = run_evaluate(model, artifact_uri, target, gates, _settings(eval_text, window, windows, threads, repeats),
-                           experiment)
+    metrics = run_evaluate(model, artifact_uri, target, gates,
+                           _settings(eval_text, window, windows, threads, repeats, reference_dtype), experiment)
     for name, value in sorted(metrics.items()):
         click.echo(f"{name}\t{value:.6g}")
 
@@ -301,14 +306,15 @@ def _search(run_name: str, model: str, target: str, backends: str | None, trials
             seed: int, storage: str | None, study_name: str | None, worker: bool, coordinate_only: bool,
             registered_model: str | None, calibration_text: str | None, accuracy_only: bool,
             screen_windows: int | None, prune_margin: float, eval_text: str | None, window: int, windows: int,
-            threads: int | None, repeats: int, experiment: str | None) -> None:
+            threads: int | None, repeats: int, reference_dtype: str, experiment: str | None) -> None:
     from mlflow_edge.search import run_search
 
     if worker:
         return _work(model, target, storage, study_name, timeout)
 
     result = run_search(model, target, trials, timeout, objectives, gates, policy, seed, storage, study_name,
-                        registered_model or None, _settings(eval_text, window, windows, threads, repeats),
+                        registered_model or None,
+                        _settings(eval_text, window, windows, threads, repeats, reference_dtype),
                         calibration_text, experiment, accuracy_only=accuracy_only, screen_windows=screen_windows,
                         prune_margin=prune_margin, run_name=run_name, fidelity=fidelity,
                         gate_confidence=gate_confidence, coordinate_only=True if coordinate_only else None,
@@ -361,14 +367,14 @@ def search(**kwargs: Any) -> None:
 def sweep(model: str, backend: str | None, types: str | None, base_precision: str | None, options: str | None,
           calibration_text: str | None, target: str, gates: str | None, policy: str, registered_model: str | None,
           eval_text: str | None, window: int, windows: int, threads: int | None, repeats: int,
-          experiment: str | None) -> None:
+          reference_dtype: str, experiment: str | None) -> None:
     """A fixed grid: convert, every given quantization type, evaluation against the reference, promotion."""
     from mlflow_edge.workflow import run_sweep
 
     grid = tuple(t.strip() for t in types.split(",") if t.strip()) if types else None
     result = run_sweep(model, backend, grid, base_precision, parse_options(options), target, gates, policy,
-                       registered_model, _settings(eval_text, window, windows, threads, repeats), calibration_text,
-                       experiment)
+                       registered_model, _settings(eval_text, window, windows, threads, repeats, reference_dtype),
+                       calibration_text, experiment)
     click.echo(result.describe())
 
 

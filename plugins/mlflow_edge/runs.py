@@ -203,13 +203,19 @@ def earlier_accuracy(experiment_id: str, digest: str, accuracy_key: str) -> tupl
     return None
 
 
+_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
 def evaluate_reference(evaluator: "Evaluator", target: str, study: str) -> dict[str, float]:
     """A nested run for the reference (the source model in ``transformers``)."""
     with tracked_run("reference", nested=True, tags=run_tags(target, study, "reference")):
-        progress(f"measuring the reference ({evaluator.source.name}, transformers fp32)")
+        dtype = evaluator.reference_dtype
+        progress(f"measuring the reference ({evaluator.source.name}, transformers {dtype})")
         metrics = evaluator.evaluate_reference()
-        mlflow.log_params({"backend": "transformers", "format": "safetensors", "precision": "fp32", "target": target,
+        mlflow.log_params({"backend": "transformers", "format": "safetensors",
+                           "precision": _PRECISION.get(dtype, dtype), "target": target,
                            "source": evaluator.source.name, "source.sha256": evaluator.source.sha256,
+                           "reference.dtype": dtype, "reference.runtime": "transformers",
                            **evaluator.settings.params()})
         mlflow.log_metrics(metrics)
     return metrics

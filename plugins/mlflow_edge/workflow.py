@@ -8,6 +8,7 @@ named, a flow takes the first installed backend the target recommends.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -22,6 +23,7 @@ from mlflow_edge.errors import EdgeError
 from mlflow_edge.evaluation.data import calibration_text, check_disjoint
 from mlflow_edge.evaluation.harness import REFERENCE, EvalSettings, Evaluator
 from mlflow_edge.gates import parse_gates
+from mlflow_edge.plan import planned
 from mlflow_edge.runs import (
     artifact_params,
     evaluate_candidate,
@@ -154,17 +156,21 @@ def run_sweep(model: str = "demo", backend: str | None = None, types: Sequence[s
         study = parent.info.run_id
         mlflow.set_tag("mlflow_edge.study", study)
         source = resolve_source(model)
+        plan = planned(source, [backend], settings.window, settings.reference_dtype, chosen=True)
+        for note in plan.notes:
+            progress(note)
+        settings = dataclasses.replace(settings, reference_dtype=plan.reference_dtype)
         log_new_params({"model": model, "source": source.name, "source.sha256": source.sha256, "backend": backend,
                         "target": target, "types": ",".join(types), "gates": str(gate_spec), "policy": policy,
-                        **settings.params()})
+                        **settings.params(), **plan.params})
         progress(f"source {source.name}: {source.num_parameters / 1e6:.1f} M parameters")
         base = convert(source, backend, base_precision)
         progress(f"converted to {backend} {base.precision} ({base.size_bytes / 1e6:.1f} MB)")
         evaluator = Evaluator(source, settings)
         try:
             reference = evaluate_reference(evaluator, target, study)
-            rows = [{"name": "reference", "backend": "transformers", "precision": "fp32", "role": REFERENCE,
-                     **reference}]
+            rows = [{"name": "reference", "backend": "transformers", "precision": plan.reference_dtype,
+                     "role": REFERENCE, **reference}]
             rows += _sweep_rows(evaluator, source, base, types, options, calibration, gate_spec, target, study)
         finally:
             evaluator.close()

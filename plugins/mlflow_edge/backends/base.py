@@ -168,6 +168,17 @@ class Bits:
     bpw: float
 
 
+@dataclasses.dataclass(frozen=True)
+class StageNeed:
+    """What one stage of the work is expected to need at its peak: resident memory of its process tree and disk it
+    leaves written (:mod:`mlflow_edge.plan` checks them before any work), and the way out when they do not fit."""
+
+    stage: str
+    rss_bytes: int
+    disk_bytes: int = 0
+    way_out: str = ""
+
+
 class Backend(Protocol):
     """One framework: convert, quantize, load; registered in the entry-point group ``mlflow_edge.backends``.
 
@@ -251,6 +262,12 @@ class Backend(Protocol):
         """The :class:`Bits` of ``precision`` with ``options`` (as :meth:`search_space` returns them) on ``source``,
         ``None`` when they cannot be known before quantizing. Optional: a backend without it is searched in
         TPE's order alone."""
+        ...
+
+    def resource_needs(self, facts: Any) -> Sequence[StageNeed]:
+        """The peak memory and disk of this backend's base conversion and of a typical quantization of it, for a
+        source described by ``facts`` (:class:`mlflow_edge.plan.SourceFacts`: parameters, dtype, largest tensor).
+        Optional: a backend without it is not planned for."""
         ...
 
     def search_space(self, trial: Any) -> tuple[str, dict[str, Any]]:

@@ -28,7 +28,15 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from mlflow_edge import cache, procs, recipes
-from mlflow_edge.backends.base import Artifact, Bits, Generation, OptionSpec, option_bool, typed_options
+from mlflow_edge.backends.base import (
+    Artifact,
+    Bits,
+    Generation,
+    OptionSpec,
+    StageNeed,
+    option_bool,
+    typed_options,
+)
 from mlflow_edge.errors import EdgeError
 
 CONVERT_PRECISIONS = ("f32", "f16", "bf16", "q8_0")
@@ -215,6 +223,17 @@ class LlamaCppBackend:
             narrow = sum(n for width, n in widths.items() if width % K_BLOCK) / max(sum(widths.values()), 1)
             bpw = (1 - narrow) * bpw + narrow * max(K_FALLBACK_BPW[k_type], bpw)
         return Bits("type" + imatrix, round(bpw, 3))
+
+    def resource_needs(self, facts: Any) -> Sequence[StageNeed]:
+        # convert_hf_to_gguf.py reads the checkpoint lazily (a few tensors at a time, in fp32) and writes f16;
+        # llama_model_quantize maps the f16 file and writes the quantized one. (A budgeted recipe's sensitivity pass,
+        # which holds the source in fp32 for its Fisher factors, is not planned: it runs only for MIXED trials.)
+        runtime, tensor = 1 << 29, 4 * facts.largest_tensor
+        f16 = facts.bytes_at("float16")
+        return (StageNeed("llamacpp conversion (f16)", runtime + 3 * tensor, f16,
+                          "leave llamacpp out (--backends)"),
+                StageNeed("llamacpp quantization", runtime + f16 + 2 * tensor, facts.parameters * 6 // 8,
+                          "leave llamacpp out (--backends)"))
 
     def estimated_kld(self, base: Artifact, precision: str, options: Mapping[str, Any], calibration: Any,
                       source: Any) -> float | None:

@@ -68,7 +68,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 import numpy as np
 
 from mlflow_edge import recipes
-from mlflow_edge.backends.base import Artifact, Bits, Generation, OptionSpec, typed_options
+from mlflow_edge.backends.base import Artifact, Bits, Generation, OptionSpec, StageNeed, typed_options
 from mlflow_edge.errors import EdgeError, first_line
 
 CONVERT_PRECISIONS = ("float32", "float16", "bfloat16")
@@ -553,6 +553,14 @@ class MLXBackend:
             bits = trial.suggest_categorical("mlx.q_bits", [3, 4, 5, 6, 8])
             return f"q{bits}_g{group}", {}
         return recipe, {"q_group_size": group}
+
+    def resource_needs(self, facts: Any) -> Sequence[StageNeed]:
+        # mlx_lm.convert loads the weights and casts them to the base dtype (float32 here), then writes them
+        runtime, fp32 = 1 << 29, facts.bytes_at("float32")
+        return (StageNeed("mlx conversion (float32)", runtime + facts.disk_bytes + fp32, fp32,
+                          "leave mlx out (--backends)"),
+                StageNeed("mlx quantization", runtime + fp32 + facts.parameters, facts.parameters,
+                          "leave mlx out (--backends)"))
 
     def precision_bits(self, precision: str, options: Mapping[str, Any], source: Any) -> Bits | None:
         # affine quantization: the bits and a scale and a bias (16 bits each) per group; mlx-lm's mixed recipes keep

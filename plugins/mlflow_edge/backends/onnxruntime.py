@@ -62,7 +62,7 @@ from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from mlflow_edge.backends.base import Artifact, Bits, Generation, OptionSpec, typed_options
+from mlflow_edge.backends.base import Artifact, Bits, Generation, OptionSpec, StageNeed, typed_options
 from mlflow_edge.errors import EdgeError, first_line
 
 MODEL_FILE = "model.onnx"
@@ -270,6 +270,15 @@ class ONNXRuntimeBackend:
         if len(providers) > 1:  # an accelerator's provider is sampled only where it is installed
             options["execution_provider"] = trial.suggest_categorical("onnxruntime.execution_provider", providers)
         return precision, {k: v for k, v in options.items() if v is not None}
+
+    def resource_needs(self, facts: Any) -> Sequence[StageNeed]:
+        # the GenAI model builder loads the model in torch fp32 and writes an fp32 graph (its CPU base); Olive's
+        # weight-only passes load that graph and write the quantized one
+        runtime, fp32 = 1 << 30, facts.bytes_at("float32")
+        return (StageNeed("onnxruntime conversion (fp32 graph)", runtime + 2 * fp32, fp32,
+                          "leave onnxruntime out (--backends)"),
+                StageNeed("onnxruntime quantization (Olive)", runtime + fp32 + facts.parameters, facts.parameters,
+                          "leave onnxruntime out (--backends)"))
 
     def precision_bits(self, precision: str, options: Mapping[str, Any], source: Any) -> Bits | None:
         # MatMulNBits: the weight bits, an fp16 scale per block, and a zero point of the weight's bits when asymmetric

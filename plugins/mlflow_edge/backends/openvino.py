@@ -75,7 +75,15 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from mlflow_edge import recipes
-from mlflow_edge.backends.base import Artifact, Bits, Generation, OptionSpec, option_bool, typed_options
+from mlflow_edge.backends.base import (
+    Artifact,
+    Bits,
+    Generation,
+    OptionSpec,
+    StageNeed,
+    option_bool,
+    typed_options,
+)
 from mlflow_edge.errors import EdgeError
 
 MODEL_XML = "openvino_model.xml"
@@ -272,6 +280,15 @@ class OpenVINOBackend:
             if options["awq"] or options["scale_estimation"]:
                 options["subset_size"] = 32
         return mode, options
+
+    def resource_needs(self, facts: Any) -> Sequence[StageNeed]:
+        # optimum-intel's export loads the model in torch fp32 and traces it into an f16 IR; NNCF reads the IR and
+        # holds the compressed copy beside it
+        runtime, f16 = 1 << 30, facts.bytes_at("float16")
+        return (StageNeed("openvino conversion (f16 IR)", runtime + facts.bytes_at("float32") + f16, f16,
+                          "leave openvino out (--backends)"),
+                StageNeed("openvino quantization (NNCF)", runtime + f16 + facts.parameters, facts.parameters,
+                          "leave openvino out (--backends)"))
 
     def precision_bits(self, precision: str, options: Mapping[str, Any], source: Any) -> Bits | None:
         # NNCF: 8-bit modes per channel; 4-bit modes with an fp16 scale (and a 4-bit zero point when asymmetric) per

@@ -1,4 +1,5 @@
-"""The reference: the unquantized source model in ``transformers`` (PyTorch, fp32), behind the same Runner."""
+"""The reference: the unquantized source model in ``transformers`` (PyTorch; fp32, or the source's own 16-bit dtype
+when fp32 does not fit), behind the same Runner."""
 
 from __future__ import annotations
 
@@ -13,16 +14,18 @@ from mlflow_edge.errors import EdgeError
 
 
 class TransformersRunner:
-    """An HF causal LM on PyTorch (CPU, fp32), greedy decoding with its KV cache."""
+    """An HF causal LM on PyTorch (CPU, ``dtype``: float32, bfloat16 or float16), greedy decoding with its KV
+    cache; logits come back as float32 whatever the dtype."""
 
-    def __init__(self, path: Path, threads: int, context_tokens: int) -> None:
+    def __init__(self, path: Path, threads: int, context_tokens: int, dtype: str = "float32") -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
         self._torch = torch
         torch.set_num_threads(threads)
         try:
-            self._model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+            self._model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                               use_safetensors=True)
         except Exception as exc:
             raise EdgeError(f"transformers cannot load {path}: {str(exc).splitlines()[0]}") from exc
         self._model.eval()

@@ -26,6 +26,7 @@ from mlflow_edge.errors import EdgeError
 from mlflow_edge.evaluation.accuracy import DEFAULT_CONFIDENCE
 from mlflow_edge.evaluation.data import TextSlice, evaluation_text
 from mlflow_edge.metrics import ACCURACY_SIZE_METRICS, BOUNDS
+from mlflow_edge.plan import REFERENCE_DTYPES, reference_dtype, source_facts
 from mlflow_edge.sources import SourceModel
 
 REFERENCE = "reference"
@@ -53,6 +54,9 @@ class EvalSettings:
     """Level of the ``_lo``/``_hi`` intervals of ``accuracy_retention`` and ``kld_mean`` (paired bootstrap)."""
     speed: bool = True
     """``False``: the accuracy/size-only mode for a target whose hardware is absent (no timed runs)."""
+    reference_dtype: str = "auto"
+    """The reference's dtype: ``auto`` (fp32 when it fits this machine's memory, else the source's own 16-bit dtype),
+    ``float32``, ``bfloat16`` or ``float16`` (:func:`mlflow_edge.plan.reference_dtype`)."""
 
     def __post_init__(self) -> None:
         for name in ("window", "windows", "threads", "repeats", "prefill_tokens", "prompt_tokens", "decode_tokens"):
@@ -64,6 +68,9 @@ class EvalSettings:
             raise EdgeError("evaluation needs at least 2 decode tokens to time decoding")
         if not 0.5 <= self.confidence < 1.0:
             raise EdgeError(f"confidence must be at least 0.5 and below 1, got {self.confidence}")
+        if self.reference_dtype not in REFERENCE_DTYPES:
+            raise EdgeError(f"unknown reference dtype '{self.reference_dtype}' "
+                            f"(choose from {', '.join(REFERENCE_DTYPES)})")
 
     @property
     def context_tokens(self) -> int:
@@ -115,8 +122,12 @@ class Evaluator:
         windows, prompt = self._tokenize()
         np.save(self.tokens_path, windows)
         np.save(self.prompt_path, prompt)
+        facts = source_facts(source)
+        self.reference_dtype = reference_dtype(self.settings.reference_dtype, facts, self.settings.window)
+        """The reference dtype in force (``auto`` resolved on this machine)."""
         key = {"source": source.sha256, "eval": self.settings.text.sha256, "window": self.settings.window,
-               "windows": self.settings.windows}
+               "windows": self.settings.windows,
+               **({"dtype": self.reference_dtype} if self.reference_dtype != "float32" else {})}
         self._reference_dir = cache.cache_root() / "reference" / cache.key_digest(key)
         self.reference_metrics: dict[str, float] | None = None
         self._base_decode: dict[str, float] = {}
@@ -146,6 +157,7 @@ class Evaluator:
         measured = self._run_child({
             "kind": REFERENCE,
             "source_path": str(self.source.path),
+            "reference_dtype": self.reference_dtype,
             "save_reference": str(self._reference_dir),
         })
         size_bytes = sum(f.stat().st_size for f in self.source.path.glob("*.safetensors"))

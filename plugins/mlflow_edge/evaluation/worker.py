@@ -42,7 +42,8 @@ def _loader(spec: dict[str, Any]) -> Callable[[], Runner]:
 
         from mlflow_edge.backends.reference import TransformersRunner
 
-        return lambda: TransformersRunner(Path(spec["source_path"]), spec["threads"], spec["context_tokens"])
+        return lambda: TransformersRunner(Path(spec["source_path"]), spec["threads"], spec["context_tokens"],
+                                          spec.get("reference_dtype", "float32"))
     from mlflow_edge.backends import get_backend
 
     artifact = Artifact.from_json(spec["artifact"])

@@ -47,6 +47,7 @@ from mlflow_edge.evaluation.data import TextSlice, calibration_text, check_disjo
 from mlflow_edge.evaluation.harness import EvalSettings, Evaluator, settings_from_record, settings_record
 from mlflow_edge.gates import Gates, parse_gates, resolve_gates
 from mlflow_edge.metrics import ACCURACY_SIZE_METRICS, METRICS
+from mlflow_edge.plan import planned
 from mlflow_edge.runs import (
     ACCURACY_FROM_TAG,
     earlier_accuracy,
@@ -548,7 +549,7 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
     if accuracy_only and not set(promotion_policy.metrics) <= set(ACCURACY_SIZE_METRICS):
         raise EdgeError(f"policy '{policy}' needs metrics the accuracy/size-only mode does not measure")
     goals = parse_objectives(objectives, accuracy_only)
-    backends = _chosen_backends(target, backends)
+    chosen_backends, backends = backends, _chosen_backends(target, backends)
     if not backends:
         raise EdgeError(f"no installed backend for target '{target}' (it recommends "
                         f"{', '.join(target_spec.primary + target_spec.secondary)})")
@@ -575,6 +576,11 @@ def run_search(model: str, target: str = "cpu", trials: int = 8, timeout: float 
         if not backends:
             raise EdgeError(f"no backend for target '{target}' can convert {source.name}: "
                             + "; ".join(unsupported.values()))
+        plan = planned(source, backends, settings.window, settings.reference_dtype, chosen=chosen_backends is not None)
+        for note in plan.notes:
+            progress(note)
+        backends, settings = plan.backends, dataclasses.replace(settings, reference_dtype=plan.reference_dtype)
+        log_new_params(dict(plan.params))
         name = study_name or f"{source.name}-{target}"
         mlflow.MlflowClient().update_run(parent.info.run_id, name=name)  # a readable parent: the study's name
         mlflow.set_tags({"mlflow_edge.study": name, "optuna.study": name, "optuna.storage": storage_label,
