@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -25,7 +26,7 @@ from mlflow_edge import cache
 from mlflow_edge.backends import get_backend
 from mlflow_edge.backends.base import StageNeed
 from mlflow_edge.errors import EdgeError
-from mlflow_edge.sources import SourceModel
+from mlflow_edge.sources import SAFETENSORS_BITS, SourceModel, safetensors_tensors
 
 GIB = 1 << 30
 MEMORY_ENV = "MLFLOW_EDGE_MEMORY_GB"
@@ -35,8 +36,6 @@ RUNTIME_BYTES = int(0.8 * GIB)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 """Bytes per parameter of the reference dtypes."""
 REFERENCE_DTYPES = ("auto", *DTYPE_BYTES)
-_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _SAFETENSORS_DTYPE = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
@@ -61,31 +60,16 @@ def source_facts(source: SourceModel) -> SourceFacts:
     by_dtype: dict[str, int] = {}
     largest = disk = 0
     for path in sorted(Path(source.path).glob("*.safetensors")):
-        for dtype, count in _header_tensors(path):
+        for dtype, shape in safetensors_tensors(path).values():
+            count = math.prod(shape)
             by_dtype[dtype] = by_dtype.get(dtype, 0) + count
             largest = max(largest, count)
-            disk += count * _SAFETENSORS_BYTES.get(dtype, 4)
+            disk += count * SAFETENSORS_BITS[dtype] // 8
     dominant = max(by_dtype, key=by_dtype.get) if by_dtype else "F32"
     config = _config(Path(source.path))
     vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or 32000)
     return SourceFacts(parameters=sum(by_dtype.values()), disk_bytes=disk,
                        dtype=_SAFETENSORS_DTYPE.get(dominant, "float32"), largest_tensor=largest, vocab=vocab)
-
-
-def _header_tensors(path: Path) -> list[tuple[str, int]]:
-    """``(dtype, parameters)`` of every tensor in a safetensors file, from its JSON header alone."""
-    with open(path, "rb") as handle:
-        length = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(length))
-    tensors = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        count = 1
-        for dim in entry["shape"]:
-            count *= int(dim)
-        tensors.append((entry["dtype"], count))
-    return tensors
 
 
 def _config(folder: Path) -> Mapping[str, Any]:

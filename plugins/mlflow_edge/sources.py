@@ -11,7 +11,8 @@ A source is resolved into a local Hugging Face checkpoint folder (safetensors + 
 Dequantized checkpoints live in the content-addressed cache, so a GGUF is dequantized once. Model code is never
 executed: weights load from safetensors only (a folder that also holds pickles is seen through a cached view of links
 that leaves them out) and a folder with ``auto_map`` in any of its JSON files is refused unless the caller passes
-``trust_remote_code``.
+``trust_remote_code``. Every safetensors header (and shard index) is checked before anything reads a weight: an empty,
+cut or garbled file is one line naming it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -40,6 +42,11 @@ DEMO_NAME = "SmolLM2-135M-Instruct"
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
 """Files that may hold pickles (``torch.save``): never loaded, never shown to a converter."""
+SAFETENSORS_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+                    "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+                    "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64}
+"""Bits per element of every dtype the safetensors format knows."""
+_MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library refuses longer headers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +95,7 @@ def from_folder(path: Path, *, origin: str | None = None, trust_remote_code: boo
         found = f" (found {', '.join(pickles[:3])})" if pickles else ""
         raise EdgeError(f"no safetensors weights in {path}{found}: pickled weights (.bin, .pt, .pth, .ckpt) are "
                         "not loaded")
+    check_safetensors(path, weights)
     custom = auto_map_files(path)
     if custom and not trust_remote_code:
         raise EdgeError(f"{path} needs custom model code (auto_map in {', '.join(custom)}); pass "
@@ -309,6 +317,93 @@ def pinned_download(requirement: str, filename: str, sha256: str, *, binary: boo
     return path
 
 
+def check_safetensors(folder: Path, weights: list[Path]) -> None:
+    """Before anything reads a weight: every shard a ``*.safetensors.index.json`` of ``folder`` names is there, and
+    every file of ``weights`` has a safetensors header that covers the file exactly (one line naming the file else)."""
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        try:
+            shards = {str(name) for name in json.loads(index.read_text())["weight_map"].values()}
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise EdgeError(f"unreadable shard index {index}: {first_line(exc)}") from None
+        missing = sorted(name for name in shards if not (folder / name).is_file())
+        if missing:
+            raise EdgeError(f"shard index {index} names {len(missing)} missing shard file(s): {', '.join(missing[:3])}")
+    for file in weights:
+        safetensors_shapes(file)
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of the safetensors file at ``path``, from its header alone (the tensor data is
+    never read); an empty or cut file, or a header that is not safetensors', is one line naming the file."""
+    return {name: shape for name, (_, shape) in safetensors_tensors(path).items()}
+
+
+def safetensors_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``name → (dtype, shape)`` of every tensor of the safetensors file at ``path``, checked as
+    :func:`safetensors_shapes` says."""
+    try:
+        stat = path.stat()
+        return dict(_safetensors_tensors(str(path), stat.st_size, stat.st_mtime_ns))  # a copy: the cached one stays
+    except OSError as exc:
+        raise _unusable(path, exc.strerror or first_line(exc)) from None
+
+
+@functools.lru_cache(maxsize=256)
+def _safetensors_tensors(path: str, size: int, _mtime_ns: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    if size < 8:
+        raise _unusable(path, "it is empty (0 bytes)" if size == 0 else f"the file is {size} bytes, shorter "
+                        "than its 8-byte header length")
+    with open(path, "rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        if length > _MAX_SAFETENSORS_HEADER:
+            raise _unusable(path, f"not a safetensors file (its first 8 bytes give a header of {length} bytes)")
+        if length > size - 8:
+            raise _unusable(path, f"truncated: its header is {length} bytes, the file holds {size - 8} after its "
+                            "8-byte length")
+        raw = file.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise _unusable(path, "its header is not JSON") from None
+    if not isinstance(header, dict) or not isinstance(header.pop("__metadata__", {}), dict):
+        raise _unusable(path, "its header is not a JSON object of tensors")
+    spans = sorted(_tensor_span(path, name, info) for name, info in header.items())
+    end = 0
+    for begin, stop in spans:
+        if begin != end:
+            raise _unusable(path, "the data offsets of its tensors overlap or leave gaps")
+        end = stop
+    held = size - 8 - length
+    if end != held:
+        cut = "truncated: " if end > held else ""
+        raise _unusable(path, f"{cut}its header says {end} bytes of tensor data, the file holds {held}"
+                        + (" (a partial download?)" if cut else ""))
+    return {name: (info["dtype"], tuple(info["shape"])) for name, info in header.items()}
+
+
+def _tensor_span(path: str, name: str, info: object) -> tuple[int, int]:
+    """The data offsets of tensor ``name``, checked against its dtype and shape."""
+    def counts(value: object, length: int | None = None) -> bool:
+        return isinstance(value, list) and (length is None or len(value) == length) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+
+    if not (isinstance(info, dict) and isinstance(info.get("dtype"), str) and counts(info.get("shape"))
+            and counts(info.get("data_offsets"), 2)):
+        raise _unusable(path, f"tensor {name!r} has no valid dtype, shape or data_offsets in its header")
+    bits = SAFETENSORS_BITS.get(info["dtype"])
+    if bits is None:
+        raise _unusable(path, f"tensor {name!r} has an unknown dtype {info['dtype']!r}")
+    begin, end = info["data_offsets"]
+    if end < begin or math.prod(info["shape"]) * bits != (end - begin) * 8:
+        raise _unusable(path, f"tensor {name!r} of shape {info['shape']} and dtype {info['dtype']} does not fit its "
+                        f"data offsets [{begin}, {end}]")
+    return begin, end
+
+
+def _unusable(path: str | Path, problem: str) -> EdgeError:
+    return EdgeError(f"unusable safetensors file {path}: {problem}")
+
+
 def matrix_widths(source: SourceModel) -> dict[int, int]:
     """Parameters of ``source``'s weight matrices by their row width (the last dimension: a linear layer's input
     features, an embedding's width), read from the safetensors headers alone: what a quantizer with fixed-size
@@ -318,32 +413,17 @@ def matrix_widths(source: SourceModel) -> dict[int, int]:
 
 @functools.lru_cache(maxsize=16)
 def _matrix_widths(folder: str) -> tuple[tuple[int, int], ...]:
-    from safetensors import safe_open
-
     widths: dict[int, int] = {}
     for path in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(path), "np") as handle:
-            for name in handle.keys():
-                shape = handle.get_slice(name).get_shape()
-                if len(shape) == 2:
-                    widths[int(shape[1])] = widths.get(int(shape[1]), 0) + int(shape[0]) * int(shape[1])
+        for shape in safetensors_shapes(path).values():
+            if len(shape) == 2:
+                widths[shape[1]] = widths.get(shape[1], 0) + shape[0] * shape[1]
     return tuple(sorted(widths.items()))
 
 
 def count_parameters(safetensors_files: list[Path]) -> int:
     """Parameter count from the safetensors headers, without loading a weight."""
-    from safetensors import safe_open
-
-    total = 0
-    for file in safetensors_files:
-        with safe_open(str(file), framework="numpy") as f:
-            for name in f.keys():
-                shape = f.get_slice(name).get_shape()
-                count = 1
-                for dim in shape:
-                    count *= dim
-                total += count
-    return total
+    return sum(math.prod(shape) for file in safetensors_files for shape in safetensors_shapes(file).values())
 
 
 def _folder_sha256(path: Path) -> str:
