@@ -477,6 +477,83 @@ def monitor(url: str, interval: float, windows: int, max_error_rate: float, expe
     click.echo(f"monitor run {run_id}")
 
 
+@main.group("cache")
+def cache_group() -> None:
+    """The content-addressed cache ($MLFLOW_EDGE_CACHE): list its entries, prune them. Its size limit is
+    $MLFLOW_EDGE_CACHE_MAX_GB (GB), held after every build."""
+
+
+@cache_group.command("list")
+@click.option("--kind", default=None, help="only entries of this kind (the cache's first-level folder)")
+@one_line_errors
+def cache_list(kind: str | None) -> None:
+    """The cache's entries, least recently used (the first to be evicted) first, and their total."""
+    from mlflow_edge import cache
+
+    limit = cache.size_limit()
+    listed = [entry for entry in cache.entries() if kind in (None, entry.kind)]
+    rows = [("kind", "digest", "size", "last used", "in use")]
+    rows += [(entry.kind, entry.digest[:12], cache.human_size(entry.size_bytes), _when(entry.last_used),
+              cache.busy(entry) or "no") for entry in listed]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    total = sum(entry.size_bytes for entry in listed)
+    shown = f" (limit {cache.human_size(limit)}, {cache.MAX_GB_ENV})" if limit is not None else ""
+    click.echo(f"total: {cache.entry_count(len(listed))}, {cache.human_size(total)}{shown} in {cache.cache_root()}")
+
+
+@cache_group.command("prune")
+@click.option("--max-gb", default=None, type=float,
+              help="evict the least recently used entries until the cache holds at most this many GB (default: "
+                   "$MLFLOW_EDGE_CACHE_MAX_GB; 0 evicts every entry that may go)")
+@click.option("--kind", default=None, help="evict entries of this kind only (with no limit and no age: all of them)")
+@click.option("--older-than-days", default=None, type=float, help="evict entries last used more than this long ago")
+@click.option("--dry-run", is_flag=True, default=False, help="say what would be evicted, remove nothing")
+@one_line_errors
+def cache_prune(max_gb: float | None, kind: str | None, older_than_days: float | None, dry_run: bool) -> None:
+    """Evict cache entries by size, kind or age, least recently used first, never one in use by a live process or
+    being built; print each one and the space freed."""
+    from mlflow_edge import cache
+
+    limit = _prune_limit(max_gb, kind, older_than_days)
+    pruned = cache.prune(limit, kind=kind, older_than_s=None if older_than_days is None else older_than_days * 86400,
+                         dry_run=dry_run)
+    for entry in pruned.evicted:
+        click.echo(f"{'would evict' if dry_run else 'evicted'} {entry.kind}/{entry.digest[:12]} "
+                   f"({cache.human_size(entry.size_bytes)}, last used {_when(entry.last_used)})")
+    for entry, reason in pruned.kept:
+        click.echo(f"kept {entry.kind}/{entry.digest[:12]} ({cache.human_size(entry.size_bytes)}): {reason}")
+    click.echo(f"{'would free' if dry_run else 'freed'} {cache.human_size(pruned.freed_bytes)} in "
+               f"{cache.entry_count(len(pruned.evicted))}; the cache {'would hold' if dry_run else 'holds'} "
+               f"{cache.human_size(pruned.total_bytes)}")
+
+
+def _prune_limit(max_gb: float | None, kind: str | None, older_than_days: float | None) -> int | None:
+    """The size limit of ``cache prune`` in bytes (``--max-gb``, else ``$MLFLOW_EDGE_CACHE_MAX_GB``), once its
+    criteria are checked: numbers 0 or more, at least one criterion, a kind the cache holds."""
+    from mlflow_edge import cache
+
+    for name, value in (("--max-gb", max_gb), ("--older-than-days", older_than_days)):
+        if value is not None and not 0 <= value < float("inf"):
+            raise EdgeError(f"{name} must be a number, 0 or more, got {value}")
+    limit = round(max_gb * 1e9) if max_gb is not None else cache.size_limit()
+    if limit is None and older_than_days is None and kind is None:
+        raise EdgeError(f"say what to prune: --max-gb, --older-than-days or --kind (or set {cache.MAX_GB_ENV})")
+    kinds = sorted({entry.kind for entry in cache.entries()})
+    if kind is not None and kind not in kinds:
+        raise EdgeError(f"no cache entries of kind {kind!r} in {cache.cache_root()} "
+                        f"(kinds: {', '.join(kinds) or 'none'})")
+    return limit
+
+
+def _when(epoch_s: float) -> str:
+    """A moment in local time, to the minute."""
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch_s))
+
+
 main.add_command(azureml)
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from mlflow_edge import __version__, procs, registry
+from mlflow_edge import __version__, cache, procs, registry
 from mlflow_edge.artifacts import content_digest, convert, quantize
 from mlflow_edge.backends import get_backend
 from mlflow_edge.errors import EdgeError, first_line
@@ -397,11 +397,16 @@ class Objective:
                 artifact = quantize(self.source, base, precision, options, self.calibration)
                 mlflow.set_tag(REBUILD_TAG, rebuild_command(self.model_spec or str(self.source.path), backend,
                                                             precision, options, self.calibration_path))
-                known = self._known_accuracy(run, artifact)
-                self._screen(trial, artifact, known)
-                metrics = evaluate_candidate(self.evaluator, artifact, self.gates, self.target, self.study_name,
-                                             base=base, log_model=False, known_accuracy=known)["metrics"]
-                log_prediction(trial, metrics)
+                try:
+                    known = self._known_accuracy(run, artifact)
+                    self._screen(trial, artifact, known)
+                    metrics = evaluate_candidate(self.evaluator, artifact, self.gates, self.target,
+                                                 self.study_name, base=base, log_model=False,
+                                                 known_accuracy=known)["metrics"]
+                    log_prediction(trial, metrics)
+                finally:  # measured: the cache's size limit may evict it (the front's are rebuilt to be logged)
+                    if (entry := cache.entry_of(artifact.path)) is not None:
+                        cache.release(entry)
         except optuna.TrialPruned:
             raise
         except Exception as exc:
@@ -803,7 +808,7 @@ def _optimize(study: optuna.Study, objective: Objective, budget: int | None, tim
     if budget is not None and measured_count(study, running=True) >= budget:
         return
     study.optimize(objective, n_trials=None, timeout=timeout, catch=(Exception,),
-                   callbacks=[StopWhenDone(budget, space)])
+                   callbacks=[StopWhenDone(budget, space), TimeLeft(budget, timeout)])
 
 
 def _run_trials(study: optuna.Study, objective: Objective, budget: int | None, timeout: float | None,
@@ -917,6 +922,34 @@ class StopWhenDone:
                                         or self.finished >= 2 * self.budget):
             study.stop()
         elif _runnable(study, self.space, None, quiet=True) == 0:
+            study.stop()
+
+
+@dataclasses.dataclass
+class TimeLeft:
+    """Optuna callback: after each trial, an estimate of the search's remaining time (the median wall time of this
+    process's trials so far, times the trials left of the budget), and, with a ``timeout``, no trial started that
+    the median says would end past it: the timeout holds within about one trial, not a trial late."""
+
+    budget: int | None
+    timeout: float | None
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    durations: list[float] = dataclasses.field(default_factory=list)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.datetime_start is None or trial.datetime_complete is None:
+            return
+        self.durations.append((trial.datetime_complete - trial.datetime_start).total_seconds())
+        typical = sorted(self.durations)[len(self.durations) // 2]
+        elapsed = time.monotonic() - self.started
+        left = None if self.budget is None else max(self.budget - measured_count(study, running=True), 0)
+        if left:
+            until = f"; the timeout ends it in {self.timeout - elapsed:.0f} s" if self.timeout else ""
+            progress(f"{self.budget - left} of {self.budget} trial(s) measured; about {left * typical / 60:.1f} min "
+                     f"left at {typical:.0f} s a trial{until}")
+        if self.timeout is not None and left != 0 and elapsed + typical > self.timeout:
+            progress(f"time budget: a trial takes about {typical:.0f} s and {self.timeout - elapsed:.0f} s are left "
+                     "of the timeout, so no further trial starts")
             study.stop()
 
 
