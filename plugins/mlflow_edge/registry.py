@@ -107,8 +107,13 @@ class Policy:
             raise ValueError("no candidate to pick from")
         scores = self.scores(pool)
         front = undominated(pool, self.objectives)
-        tie_breaks = (self.terms[1:] if not self.weighted else ()) + self.objectives[len(self.terms):]
-        return max(front, key=lambda i: (scores[i], *(_signed(pool[i], t) for t in tie_breaks), -i))
+        return max(front, key=lambda i: (scores[i], *(_signed(pool[i], t) for t in self.tie_breaks), -i))
+
+    @property
+    def tie_breaks(self) -> tuple[Term, ...]:
+        """What breaks a tie of :meth:`scores`, in order: a plain policy's further terms, then the other
+        :attr:`objectives` (a weighted policy's terms are all in its score)."""
+        return (self.terms[1:] if not self.weighted else ()) + self.objectives[len(self.terms):]
 
     def __str__(self) -> str:
         if self.name:
@@ -347,8 +352,7 @@ def choice_facts(policy: Policy, feasible: Sequence[Run], winner: Run) -> dict[s
                 "best_value": top.data.metrics[term.metric], "winner_value": winner.data.metrics.get(term.metric)})
     return {"policy": str(policy), "feasible": len(feasible), "front": len(undominated(pool, policy.objectives)),
             "tied": sum(score == mine for score in scores),
-            "ties_broken_by": [t.metric for t in (policy.objectives[1:] if not policy.weighted
-                                                  else policy.objectives[len(policy.terms):])],
+            "ties_broken_by": [t.metric for t in policy.tie_breaks],
             "dominated_by": [run.info.run_id for run in feasible
                              if dominates(run.data.metrics, winner.data.metrics, policy.objectives)],
             "best_by_objective": best_by_objective}

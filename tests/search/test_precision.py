@@ -89,7 +89,7 @@ def test_the_next_step_is_the_smallest_predicted_to_pass_below_a_pass(space, tin
     failed = _trial(order, 1, step, kld=0.06, retention=0.96)  # the fit now falls 1.6 per bit, not ln 4
     again = order.next_point([p for p in open_points if p != step], [passed, failed])
     assert again == _llamacpp("Q5_K_M")  # 5.68 bits: predicted 0.045; Q5_K_S (5.52) 0.058
-    assert order.predicted_kld(order.configuration_of(again), [passed, failed]) == pytest.approx(0.045, abs=0.002)
+    assert order.predict(order.configuration_of(again), [passed, failed]) == pytest.approx(0.045, abs=0.002)
     closed = _trial(order, 2, again, kld=0.04)
     assert order.next_point([p for p in open_points if p not in (step, again)], [passed, failed, closed]) == \
         _llamacpp("Q5_K_S")  # the last one between the failure at 5.5 and the pass at 5.68
@@ -110,7 +110,7 @@ def test_a_sensitivity_estimate_takes_the_fits_place_scaled_by_the_trials(space,
     passed.user_attrs[ESTIMATED_ATTR] = 0.00025  # the estimates run at half the measured KLD
     assert estimate_scale([passed], "llamacpp", order.gates) == pytest.approx(2.0)
     assert order.next_point(open_points, [passed]) == _llamacpp("Q5_K_S")  # 0.028 after scaling; Q5_0 0.06
-    assert order.predicted_kld(order.configuration_of(_llamacpp("Q4_0")), [passed]) == pytest.approx(0.14)
+    assert order.predict(order.configuration_of(_llamacpp("Q4_0")), [passed]) == pytest.approx(0.14)
     failing = PrecisionOrder(base.configurations, base.gates, lambda c: 1 / 0)
     assert failing.next_point(open_points, [passed]) == _llamacpp("Q5_0")  # a failing estimate leaves the fit
 

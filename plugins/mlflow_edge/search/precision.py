@@ -76,7 +76,8 @@ def configuration(params: Mapping[str, Any], backends: Sequence[str], source: So
 class SensitivityEstimate:
     """The mean KLD a backend's own per-tensor sensitivity predicts for a configuration, where the backend offers
     one (``estimated_kld``; llama.cpp, once a budgeted recipe has measured its table) and it is already measured:
-    an estimate is never paid for here."""
+    no sensitivity is measured for an estimate (the backend's base, cached, is converted first where it is not yet:
+    its trials need it anyway)."""
 
     source: SourceModel
     calibration: Any
@@ -237,9 +238,6 @@ class PrecisionOrder:
             return between[-1] if known.passed else None
         passing = [c for c, p in predicted if p <= ceiling]
         return passing[0] if passing else min(predicted, key=lambda cp: cp[1])[0]
-
-    def predicted_kld(self, config: Configuration, trials: Sequence[FrozenTrial]) -> float | None:
-        return self.predict(config, trials)
 
 
 def estimate_scale(trials: Sequence[FrozenTrial], backend: str, gates: Gates) -> float:

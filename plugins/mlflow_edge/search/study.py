@@ -382,7 +382,7 @@ class Objective:
         backend, precision, options = suggest(trial, self.backends)
         for key, value in (("backend", backend), ("precision", precision), ("options", options)):
             trial.set_user_attr(key, value)
-        self._record_bits(trial, backend, precision, options)
+        self._record_bits(trial)
         twin = earlier_twin(trial.study, trial)
         if twin is not None:
             return self._reuse(trial, twin)
@@ -453,7 +453,7 @@ class Objective:
         progress(f"trial {trial.number} ({artifact.precision}) {reason}")
         raise optuna.TrialPruned(reason)
 
-    def _record_bits(self, trial: optuna.Trial, backend: str, precision: str, options: dict[str, Any]) -> None:
+    def _record_bits(self, trial: optuna.Trial) -> None:
         """The trial's bits and method (:data:`BITS_ATTR`) and the mean KLD the order of precision predicts for it."""
         if self.order is None:
             return
@@ -462,7 +462,7 @@ class Objective:
             return
         trial.set_user_attr(BITS_ATTR, {"method": config.bits.method, "bpw": config.bits.bpw})
         others = [t for t in trial.study.get_trials(deepcopy=False) if t.number != trial.number]
-        predicted, estimated = self.order.predicted_kld(config, others), self.order.estimated(config)
+        predicted, estimated = self.order.predict(config, others), self.order.estimated(config)
         if predicted is not None:
             trial.set_user_attr(PREDICTED_ATTR, predicted)
         if estimated is not None:
