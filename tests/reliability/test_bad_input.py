@@ -166,6 +166,12 @@ CASES: list[tuple[str, list[str], str]] = [
     ("targets: missing model path", ["targets", "--model", "{missing}"], "model path not found"),
     ("targets: broken config.json", ["targets", "--model", "{broken}"], "unreadable config.json"),
     ("quant-types: unknown backend", ["quant-types", "--backend", "tensorrt"], "unknown backend 'tensorrt'"),
+    # cache
+    ("cache: prune without a criterion", ["cache", "prune"], "say what to prune"),
+    ("cache: negative limit", ["cache", "prune", "--max-gb", "-1"], "--max-gb must be a number, 0 or more"),
+    ("cache: unknown kind", ["cache", "prune", "--kind", "nope"], "no cache entries of kind 'nope'"),
+    ("search: unknown reference dtype", ["search", "--model", "{tiny}", "--reference-dtype", "int8"],
+     "Invalid value for '--reference-dtype'"),
     # serve, monitor (no server is started: the refusal comes first)
     ("serve: a folder that is no model", ["serve", "{notmodel}"], "nor a folder with an MLmodel file"),
     ("serve: missing path", ["serve", "{missing}"], "nor a folder with an MLmodel file"),
