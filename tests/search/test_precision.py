@@ -12,11 +12,9 @@ from optuna.trial import TrialState
 from mlflow_edge.gates import resolve_gates
 from mlflow_edge.search.precision import (
     BITS_ATTR,
-    ESTIMATED_ATTR,
     NOISE_SLOPE,
     Evidence,
     PrecisionOrder,
-    estimate_scale,
     gated_starting_points,
 )
 from mlflow_edge.search.space import backends_for, enumerate_space
@@ -98,7 +96,8 @@ def test_the_next_step_is_the_smallest_predicted_to_pass_below_a_pass(space, tin
 
 
 def test_a_sensitivity_estimate_takes_the_fits_place_scaled_by_the_trials(space, tiny_source):
-    """A backend's own estimate orders the steps; how its earlier estimates met the measurements scales it."""
+    """A backend's own estimate orders the steps once a measured trial of that backend scales it; without one, the
+    fit stays in charge."""
     base = _order(space, tiny_source, "balanced")
     estimates = {"Q6_K": 0.004, "Q5_K_M": 0.012, "Q5_K_S": 0.014, "Q5_1": 0.02, "Q5_0": 0.03, "Q4_1": 0.04,
                  "Q4_K_M": 0.045, "Q4_K_S": 0.05, "Q4_0": 0.07}
@@ -106,9 +105,10 @@ def test_a_sensitivity_estimate_takes_the_fits_place_scaled_by_the_trials(space,
                            lambda c: estimates.get(c.precision) if c.backend == "llamacpp" else None)
     passed = _trial(order, 0, _llamacpp("Q8_0"), kld=0.0005)
     open_points = [p for p in space if p != passed.params]
-    assert order.next_point(open_points, [passed]) == _llamacpp("Q4_K_S")  # the fit alone says Q5_0
-    passed.user_attrs[ESTIMATED_ATTR] = 0.00025  # the estimates run at half the measured KLD
-    assert estimate_scale([passed], "llamacpp", order.gates) == pytest.approx(2.0)
+    assert order.estimate_scale("llamacpp", [passed]) is None  # Q8_0 has no estimate: nothing to scale by
+    assert order.next_point(open_points, [passed]) == _llamacpp("Q5_0")  # the fit's step
+    estimates["Q8_0"] = 0.00025  # the estimates run at half the measured KLD
+    assert order.estimate_scale("llamacpp", [passed]) == pytest.approx(2.0)
     assert order.next_point(open_points, [passed]) == _llamacpp("Q5_K_S")  # 0.028 after scaling; Q5_0 0.06
     assert order.predict(order.configuration_of(_llamacpp("Q4_0")), [passed]) == pytest.approx(0.14)
     failing = PrecisionOrder(base.configurations, base.gates, lambda c: 1 / 0)

@@ -598,15 +598,21 @@ def _sensitivity_key(base: Artifact, types: Sequence[str], options: Mapping[str,
 def measured_sensitivity(base: Artifact, options: Mapping[str, Any], calibration: Any, source: Any) -> Any:
     """The sensitivity table a budgeted recipe with ``options`` would use, when it is already measured (cached),
     else ``None``: nothing is measured here."""
-    import pandas as pd
-
     imatrix = option_bool(options.get("imatrix", False))
     if imatrix and (calibration is None or source is None):
         return None
     key = _sensitivity_key(base, _candidate_types(options), options,
                            _imatrix_key(base, options, calibration, source) if imatrix else None, calibration, source)
     folder = cache.find("gguf-sensitivity", key)
-    return None if folder is None else pd.read_csv(folder / "sensitivity.csv", dtype={"tensor": str, "type": str})
+    return None if folder is None else _read_table(str(folder))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_table(folder: str) -> Any:
+    """A cached sensitivity table (an entry's content never changes: its key is its content's recipe)."""
+    import pandas as pd
+
+    return pd.read_csv(Path(folder) / "sensitivity.csv", dtype={"tensor": str, "type": str})
 
 
 def sensitivity_table(base: Artifact, types: Sequence[str], options: Mapping[str, Any], imatrix: _Imatrix | None,

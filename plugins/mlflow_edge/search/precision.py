@@ -12,8 +12,8 @@ method, fidelity falls as the bits fall, so every finished trial says something 
   predicted to pass below the smallest that passed; :meth:`PrecisionOrder.next_point`). Without a KLD gate a pass
   makes the next lower bits worth trying;
 - where a backend measured its own per-tensor sensitivity (llama.cpp, for a budgeted recipe), its estimate of each
-  configuration's mean KLD (:class:`SensitivityEstimate`), scaled by how its earlier estimates met the trials, takes
-  the fit's place;
+  configuration's mean KLD (:class:`SensitivityEstimate`), scaled by how it meets that backend's measured trials,
+  takes the fit's place;
 - the starting points follow the gates: a near-lossless KLD ceiling starts each backend at its 8-bit configuration,
   a loose one at 4 bits, the default at the backends' own defaults (:func:`gated_starting_points`).
 
@@ -168,13 +168,28 @@ class PrecisionOrder:
 
     def predict(self, config: Configuration, trials: Sequence[FrozenTrial],
                 known: Evidence | None = None) -> float | None:
-        """``config``'s mean KLD: the backend's estimate scaled by how its earlier estimates met the measurements
-        (:func:`estimate_scale`), else the log-linear fit of its method's evidence."""
+        """``config``'s mean KLD: the backend's estimate scaled by how it meets the backend's measured trials
+        (:meth:`estimate_scale`), else (no estimate, or no measured trial to scale it by) the log-linear fit of its
+        method's evidence."""
         estimate = self.estimated(config)
-        if estimate is not None:
-            return estimate * estimate_scale(trials, config.backend, self.gates)
+        scale = self.estimate_scale(config.backend, trials) if estimate is not None else None
+        if scale is not None:
+            return estimate * scale
         known = known if known is not None else self.evidence(trials).get(config.group) if config.group else None
         return known.predict(config.bits.bpw) if known is not None else None
+
+    def estimate_scale(self, backend: str, trials: Sequence[FrozenTrial]) -> float | None:
+        """The geometric mean of measured over estimated mean KLD among ``backend``'s finished trials that the
+        backend can estimate now (``None`` when none can): an estimate is right about the order, the trials tell
+        its scale."""
+        ratios = []
+        for trial in trials:
+            config = self.configuration_of(trial.params) if trial.user_attrs.get("backend") == backend else None
+            kld = trial_outcome(trial, self.gates)[1] if config is not None else None
+            estimate = self.estimated(config) if kld else None
+            if estimate:
+                ratios.append(math.log(kld / estimate))
+        return math.exp(sum(ratios) / len(ratios)) if ratios else None
 
     def configuration_of(self, params: Mapping[str, Any]) -> Configuration | None:
         """The listed configuration with these parameters."""
@@ -238,18 +253,6 @@ class PrecisionOrder:
             return between[-1] if known.passed else None
         passing = [c for c, p in predicted if p <= ceiling]
         return passing[0] if passing else min(predicted, key=lambda cp: cp[1])[0]
-
-
-def estimate_scale(trials: Sequence[FrozenTrial], backend: str, gates: Gates) -> float:
-    """The geometric mean of measured over estimated mean KLD among ``backend``'s finished trials that had an
-    estimate (1 when none had): a sensitivity estimate is right about the order, the trials tell its scale."""
-    ratios = []
-    for trial in trials:
-        estimate = trial.user_attrs.get(ESTIMATED_ATTR)
-        kld = trial_outcome(trial, gates)[1] if trial.user_attrs.get("backend") == backend else None
-        if estimate and kld:
-            ratios.append(math.log(kld / estimate))
-    return math.exp(sum(ratios) / len(ratios)) if ratios else 1.0
 
 
 def start_bits(gates: Gates) -> float | None:
