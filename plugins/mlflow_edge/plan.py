@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from mlflow_edge import cache
-from mlflow_edge.backends import get_backend
+from mlflow_edge.backends import optional_method
 from mlflow_edge.backends.base import StageNeed
 from mlflow_edge.errors import EdgeError
 from mlflow_edge.sources import SAFETENSORS_BITS, SourceModel, safetensors_tensors
@@ -170,7 +170,7 @@ class Plan:
 
 def backend_needs(backend: str, facts: SourceFacts) -> list[StageNeed]:
     """What ``backend`` declares for its conversion and a quantization (nothing for a backend that does not)."""
-    declare = getattr(get_backend(backend), "resource_needs", None)  # optional in the Protocol
+    declare = optional_method(backend, "resource_needs")
     return list(declare(facts)) if declare is not None else []
 
 

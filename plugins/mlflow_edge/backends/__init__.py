@@ -55,6 +55,13 @@ def get_backend(name: str) -> Backend:
     return _backend_class(name)()
 
 
+def optional_method(name: str, method: str) -> Any:
+    """The backend ``name``'s ``method`` where it implements one of the Protocol's optional methods
+    (``precision_bits``, ``estimated_kld``, ``resource_needs``), else ``None``: a third-party backend written
+    before them is used without."""
+    return getattr(get_backend(name), method, None)
+
+
 def loadable_backends() -> tuple[Backend, ...]:
     """Every registered backend whose module imports (its framework may still be missing)."""
     found = []

@@ -30,7 +30,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mlflow_edge.backends import get_backend
+from mlflow_edge.backends import optional_method
 from mlflow_edge.backends.base import Bits
 from mlflow_edge.gates import Gates
 from mlflow_edge.search.space import suggest
@@ -81,21 +81,29 @@ class SensitivityEstimate:
 
     source: SourceModel
     calibration: Any
+    found: dict[tuple, float] = dataclasses.field(default_factory=dict)
+    """Estimates found so far, by configuration (a measured table never changes, so neither do they)."""
 
     def __call__(self, config: Configuration) -> float | None:
         from mlflow_edge.artifacts import convert
 
-        estimate = getattr(get_backend(config.backend), "estimated_kld", None)  # optional in the Protocol
+        key = _key(config.params)
+        if key in self.found:
+            return self.found[key]
+        estimate = optional_method(config.backend, "estimated_kld")
         if estimate is None:
             return None
-        return estimate(convert(self.source, config.backend), config.precision, config.options, self.calibration,
-                        self.source)
+        value = estimate(convert(self.source, config.backend), config.precision, config.options, self.calibration,
+                         self.source)
+        if value is not None:  # an unknown one may become known once a budgeted recipe measures the table
+            self.found[key] = value
+        return value
 
 
 def bits_of(backend: str, precision: str, options: Mapping[str, Any], source: SourceModel) -> Bits | None:
     """The backend's :class:`Bits` of a configuration; ``None`` for a backend that does not declare them (a
     third-party backend written before ``precision_bits``)."""
-    declare = getattr(get_backend(backend), "precision_bits", None)  # optional in the Protocol
+    declare = optional_method(backend, "precision_bits")
     return declare(precision, options, source) if declare is not None else None
 
 
