@@ -7,8 +7,9 @@ for target ``cpu``, over ``--backends`` (default: every registered backend insta
 (the working directory meanwhile) with its own sqlite MLflow and Optuna stores and its own fresh ``MLFLOW_EDGE_CACHE``
 (so neither reuses a quantization or an importance matrix of the other, or of earlier runs):
 
-- **search** (first): ``run_search("demo", target="cpu", trials=N, seed=0, backends=..., settings=...)``: the
-  reference, N trials (quantize + evaluate, logged as MLflow runs with their models), the report and the promotion;
+- **search** (first): ``run_search(SearchConfig("demo", target="cpu", trials=N, seed=0, backends=...,
+  settings=...))``: the reference, N trials (quantize + evaluate, logged as MLflow runs with their models), the report
+  and the promotion;
 - **exhaustive** (second): every point of the space (:func:`mlflow_edge.search.space.enumerate_space`; for llama.cpp
   14 precisions × ``imatrix`` False/True), each ``artifacts.quantize`` + ``Evaluator.evaluate`` with the same settings
   and calibration text, plus the reference once. The grid logs nothing to MLflow, so ``wall_time_ratio`` is
@@ -287,14 +288,15 @@ def timed_search(model: str, backends: Sequence[str], trials: int, settings: Any
     import optuna
 
     from mlflow_edge.errors import EdgeError
-    from mlflow_edge.search.study import run_search
+    from mlflow_edge.search import SearchConfig, run_search
 
     storage = f"sqlite:///{folder / 'optuna.db'}"
     start = time.perf_counter()
     error = None
     try:
-        result = run_search(model, target="cpu", trials=trials, seed=0, settings=settings, backends=list(backends),
-                            storage=storage, study_name="search-efficiency", **options)
+        result = run_search(SearchConfig(model, target="cpu", trials=trials, seed=0, settings=settings,
+                                         backends=list(backends), storage=storage, study_name="search-efficiency",
+                                         **options))
     except EdgeError as exc:  # e.g. no trial passed the gates: nothing promoted
         result, error = None, str(exc)
     wall_s = time.perf_counter() - start

@@ -8,7 +8,7 @@ import pytest
 
 from mlflow_edge import plan
 from mlflow_edge.errors import EdgeError
-from mlflow_edge.search import backends_for, run_search
+from mlflow_edge.search import SearchConfig, backends_for, run_search
 
 
 @pytest.fixture()
@@ -64,8 +64,8 @@ def test_a_backend_whose_conversion_does_not_fit_is_left_out(tiny_source):
 def test_a_search_that_cannot_fit_is_refused_before_any_work(tiny_source, tiny_settings, tracking_uri, memory_gb):
     memory_gb(0.3)
     with pytest.raises(EdgeError) as refused:
-        run_search(str(tiny_source.path), trials=1, gates="accuracy_retention>=0.5", settings=tiny_settings,
-                   registered_model="tiny-plan-edge")
+        run_search(SearchConfig(str(tiny_source.path), trials=1, gates="accuracy_retention>=0.5",
+                                settings=tiny_settings, registered_model="tiny-plan-edge"))
     message = str(refused.value)
     assert "\n" not in message and "needs about" in message and "0.30 GB are available" in message
     runs = mlflow.search_runs(experiment_names=["mlflow-edge"], output_format="list")
@@ -82,8 +82,8 @@ def test_a_search_logs_its_plan_and_reference_dtype(tiny_source, tiny_settings, 
     memory_gb(max(fp32 - 10_000, llama + 1, bf16) / 1e9)
     if plan.memory_budget() >= fp32:
         pytest.skip("llama.cpp's stages need more than an fp32 reference of the tiny model")
-    result = run_search(str(tiny_source.path), trials=1, gates="accuracy_retention>=0.5", settings=tiny_settings,
-                        registered_model="tiny-plan-edge", backends=["llamacpp"])
+    result = run_search(SearchConfig(str(tiny_source.path), trials=1, gates="accuracy_retention>=0.5",
+                                     settings=tiny_settings, registered_model="tiny-plan-edge", backends=["llamacpp"]))
     parent = mlflow.get_run(result["run_id"])
     assert parent.data.params["reference.dtype"] == "bfloat16"
     assert {"plan.memory_gb", "plan.disk_free_gb", "plan.the_reference_bfloat16.rss_gb"} <= set(parent.data.params)

@@ -10,6 +10,7 @@ from mlflow.exceptions import MlflowException
 from mlflow_edge import readiness, registry, runs
 from mlflow_edge.backends.base import Artifact
 from mlflow_edge.gates import parse_gates
+from mlflow_edge.tags import GATES_TAG
 
 NAME = "tiny-edge"
 STUDY = "study-1"
@@ -69,7 +70,7 @@ def test_promotion_describes_the_version_with_gates_comparison_hardware_and_serv
                     "mlflow artifacts download -u models:/tiny-edge/1 -d tiny-edge-v1",
                     "llama-server -m tiny-edge-v1/model.gguf --host 127.0.0.1 --port 8080"):
         assert command in text
-    assert parse_gates(version.tags[registry.GATES_TAG]) == parse_gates(None)
+    assert parse_gates(version.tags[GATES_TAG]) == parse_gates(None)
 
     facts = _run_report(run_id)
     assert mlflow.artifacts.load_text(f"runs:/{run_id}/readiness/readiness.md") == text

@@ -49,7 +49,7 @@ def test_the_plugin_is_unknown_until_installed():
 @pytest.mark.slow
 def test_convert_quantize_evaluate_search_through_a_third_party_backend(plugin_site, tracking_uri, tiny_source):
     listed = cli(plugin_site, "quant-types", "--backend", "pure_gguf")
-    assert listed.returncode == 0 and "[pure_gguf] format gguf" in listed.stdout, listed.stderr
+    assert listed.returncode == 0 and "[pure_gguf] format pure_gguf" in listed.stdout, listed.stderr
     model = str(tiny_source.path)
 
     converted = cli(plugin_site, "convert", "--model", model, "--backend", "pure_gguf")

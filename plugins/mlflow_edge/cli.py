@@ -14,7 +14,6 @@ from typing import Any, Callable
 import click
 
 from mlflow_edge.azureml.cli import azureml
-from mlflow_edge.backends import backend_names
 from mlflow_edge.errors import EdgeError, one_line_errors
 
 _NEXT_OPTION = re.compile(r",(?=\s*[A-Za-z_][\w.]*\s*=)")
@@ -60,7 +59,7 @@ def _settings(eval_text: str | None, window: int, windows: int, threads: int | N
 _model = click.option("--model", default="demo", show_default=True,
                       help="source: 'demo', a Hugging Face id, a save_pretrained folder or a .gguf file")
 _backend = click.option("--backend", default=None,
-                        help=f"one of the registered backends ({', '.join(backend_names())}; default: the target's "
+                        help="a registered backend (`mlflow-edge quant-types` lists them; default: the target's "
                              "first installed one)")
 _target = click.option("--target", default="cpu", show_default=True, help="hardware target (see conventions)")
 _experiment = click.option("--experiment", default=None, help="MLflow experiment (default: mlflow-edge)")
@@ -307,18 +306,19 @@ def _search(run_name: str, model: str, target: str, backends: str | None, trials
             registered_model: str | None, calibration_text: str | None, accuracy_only: bool,
             screen_windows: int | None, prune_margin: float, eval_text: str | None, window: int, windows: int,
             threads: int | None, repeats: int, reference_dtype: str, experiment: str | None) -> None:
-    from mlflow_edge.search import run_search
+    from mlflow_edge.search import SearchConfig, run_search
 
     if worker:
         return _work(model, target, storage, study_name, timeout)
 
-    result = run_search(model, target, trials, timeout, objectives, gates, policy, seed, storage, study_name,
-                        registered_model or None,
-                        _settings(eval_text, window, windows, threads, repeats, reference_dtype),
-                        calibration_text, experiment, accuracy_only=accuracy_only, screen_windows=screen_windows,
-                        prune_margin=prune_margin, run_name=run_name, fidelity=fidelity,
-                        gate_confidence=gate_confidence, coordinate_only=True if coordinate_only else None,
-                        backends=[b.strip() for b in (backends or "").split(",") if b.strip()] or None)
+    result = run_search(SearchConfig(
+        model, target, trials, timeout, objectives, gates, policy, seed, storage, study_name,
+        registered_model=registered_model or None,
+        settings=_settings(eval_text, window, windows, threads, repeats, reference_dtype),
+        calibration_path=calibration_text, experiment=experiment, accuracy_only=accuracy_only,
+        screen_windows=screen_windows, prune_margin=prune_margin, run_name=run_name, fidelity=fidelity,
+        gate_confidence=gate_confidence, coordinate_only=True if coordinate_only else None,
+        backends=[b.strip() for b in (backends or "").split(",") if b.strip()] or None))
     click.echo(f"study {result['study']}: {result['trials']} trials ({result['new_trials']} new), "
                f"{len(result['pareto'])} on the Pareto front")
     click.echo(result["promotion"])

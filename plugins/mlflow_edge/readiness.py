@@ -3,14 +3,14 @@ reference and the previous champion), measured on which machine and data, and th
 
 The facts are gathered once (:func:`facts`, JSON-ready: ``readiness.json``) and rendered for people
 (:func:`markdown`: ``readiness.md``, also the registered version's description, cut by :func:`description` to what
-the registry stores). Backend-specific facts (its own servers) come from the backend class
-(``Backend.native_serve_commands``); this module names no framework.
+the registry stores). Backend-specific facts (its own servers) come from the logged model's provenance
+(``Model.metadata["mlflow_edge"]["native_serve_commands"]``, recorded from the backend when it was logged); this
+module names no framework and imports no backend.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import re
 import shlex
@@ -19,10 +19,9 @@ from typing import Any, Mapping
 import mlflow
 from mlflow.entities import Run
 
-from mlflow_edge.backends import get_backend
-from mlflow_edge.errors import EdgeError
 from mlflow_edge.gates import GateReport
 from mlflow_edge.metrics import CATALOGUE
+from mlflow_edge.tags import METADATA_KEY, STUDY_TAG
 
 DESCRIPTION_LIMIT = 5000
 """Characters of a model version description that MLflow's SQL stores hold (a ``VARCHAR(5000)`` column)."""
@@ -74,7 +73,7 @@ def facts(promoted: Promoted) -> dict[str, Any]:
         "alias": promoted.alias,
         "model_uri": f"models:/{promoted.registered_model}@{promoted.alias}",
         "target": promoted.target,
-        "study": tags.get("mlflow_edge.study", ""),
+        "study": tags.get(STUDY_TAG, ""),
         "run_id": run.info.run_id,
         "policy": promoted.policy,
         "artifact": {"backend": params.get("backend", ""), "format": params.get("format", ""),
@@ -126,8 +125,8 @@ def comparison(run: Run, reference: Run | None, previous: Champion | None) -> di
 
 
 def serve_commands(name: str, version: str, alias: str, backend: str) -> list[dict[str, Any]]:
-    """Shell commands that serve the champion: mlflow-edge's OpenAI-compatible server, MLflow's pyfunc server, and
-    the backend's own servers on the downloaded model file or folder (when it has any)."""
+    """How to serve the champion: mlflow-edge's OpenAI-compatible server and MLflow's pyfunc server on the alias, and
+    the backend's own servers on the downloaded model file or folder (when its logged model records any)."""
     uri = shlex.quote(f"models:/{name}@{alias}")
     servers = [
         {"server": "mlflow-edge (OpenAI-compatible)",
@@ -135,20 +134,17 @@ def serve_commands(name: str, version: str, alias: str, backend: str) -> list[di
         {"server": "MLflow pyfunc (/invocations)",
          "commands": [f"mlflow models serve -m {uri} --env-manager local --host 127.0.0.1 --port 5000"]},
     ]
-    native = _native_commands(name, version, backend)
+    native = _native_commands(name, version)
     if native:
         servers.append({"server": f"{backend}'s own server (on the downloaded model)", "commands": native})
     return servers
 
 
-def _native_commands(name: str, version: str, backend: str) -> list[str]:
-    """``mlflow artifacts download`` of the version, then the backend's server templates on the model inside."""
-    try:
-        templates = tuple(getattr(get_backend(backend), "native_serve_commands", ()))
-    except EdgeError:
-        return []
-    entry = _model_entry(f"models:/{name}/{version}", backend) if templates else None
-    if not entry:
+def _native_commands(name: str, version: str) -> list[str]:
+    """``mlflow artifacts download`` of the version, then the server templates its model records on the model
+    file or folder inside."""
+    templates, entry = _native_templates(f"models:/{name}/{version}")
+    if not templates or not entry:
         return []
     folder = re.sub(r"[^\w.-]+", "_", name) + f"-v{version}"
     model = shlex.quote(f"{folder}/{entry}")
@@ -156,15 +152,17 @@ def _native_commands(name: str, version: str, backend: str) -> list[str]:
     return [download] + [t.format(model=model, port=SERVE_PORT, name=shlex.quote(name)) for t in templates]
 
 
-def _model_entry(model_uri: str, backend: str) -> str | None:
-    """The model file or folder of ``model_uri`` (its flavor's ``data`` entry in MLmodel); ``None`` when unknown."""
+def _native_templates(model_uri: str) -> tuple[list[str], str | None]:
+    """The server templates ``model_uri`` records and its model file or folder (its format flavor's ``data`` entry
+    in MLmodel); nothing when the model is unreadable or was logged without them."""
     try:
-        flavor_name = importlib.import_module(get_backend(backend).flavor).FLAVOR_NAME
-        conf = mlflow.models.get_model_info(model_uri).flavors.get(flavor_name) or {}
-    except Exception:  # an unreadable model or flavor: the report lists the servers that need neither
-        return None
-    entry = conf.get("data")
-    return str(entry) if entry else None
+        info = mlflow.models.get_model_info(model_uri)
+    except Exception:  # an unreadable model: the report lists the servers that need none
+        return [], None
+    templates = list(((info.metadata or {}).get(METADATA_KEY) or {}).get("native_serve_commands") or [])
+    entries = [conf.get("data") for flavor, conf in info.flavors.items() if flavor != "python_function"]
+    entry = next((str(e) for e in entries if e), None)
+    return templates, entry
 
 
 def _prefixed(tags: Mapping[str, str], prefix: str) -> dict[str, str]:

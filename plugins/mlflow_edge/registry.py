@@ -25,16 +25,24 @@ from mlflow_edge.errors import EdgeError, first_line
 from mlflow_edge.gates import GateReport, Gates
 from mlflow_edge.metrics import METRICS
 from mlflow_edge.readiness import Champion, Promoted
-from mlflow_edge.runs import MODEL_URI_TAG, filter_literal, progress
+from mlflow_edge.runs import filter_literal, progress
+from mlflow_edge.tags import (
+    GATES_TAG,
+    MODEL_URI_TAG,
+    PROMOTION_TAG,
+    ROLE_TAG,
+    RUN_ID_TAG,
+    STUDY_TAG,
+    TARGET_TAG,
+    TRIAL_TAG,
+)
 
 REBUILD_TAG = "mlflow_edge.rebuild"
 """Tag of a candidate whose model files were not logged: the ``mlflow-edge quantize`` command that rebuilds them."""
 
 EVALUATED_TAG = "gates.result"
 """Set on a run whose artifact the harness measured and whose gates were checked: only such runs are candidates."""
-PROMOTION_TAG = "mlflow_edge.promotion"
 """Version tag: ``pending`` from registration until the alias is set, then ``done``."""
-GATES_TAG = "mlflow_edge.gates"
 """Version tag: the gates spec the version passed (``parse_gates`` reads it back), for a later monitor."""
 
 
@@ -207,17 +215,17 @@ class Promotion:
 def candidate_runs(experiment_ids: Sequence[str], target: str, study: str | None = None) -> list[Run]:
     """Finished candidate runs of ``target`` (and ``study``, when given) that were evaluated (their gates checked),
     newest first. Only those with model files logged (:data:`MODEL_URI_TAG`) can be promoted."""
-    runs = _tagged_runs(experiment_ids, {"mlflow_edge.role": "candidate", "mlflow_edge.target": target,
-                                         **({"mlflow_edge.study": study} if study else {})})
+    runs = _tagged_runs(experiment_ids, {ROLE_TAG: "candidate", TARGET_TAG: target,
+                                         **({STUDY_TAG: study} if study else {})})
     return [run for run in runs if EVALUATED_TAG in run.data.tags]
 
 
 def reference_run(candidate: Run) -> Run | None:
     """The latest finished reference run of ``candidate``'s study in its experiment (``None`` without a study)."""
-    study = candidate.data.tags.get("mlflow_edge.study")
+    study = candidate.data.tags.get(STUDY_TAG)
     if not study:
         return None
-    found = _tagged_runs([candidate.info.experiment_id], {"mlflow_edge.role": "reference", "mlflow_edge.study": study})
+    found = _tagged_runs([candidate.info.experiment_id], {ROLE_TAG: "reference", STUDY_TAG: study})
     return found[0] if found else None
 
 
@@ -260,6 +268,17 @@ def promote(experiment_ids: Sequence[str], target: str, gates: Gates, policy: st
     _log_report(client, best.info.run_id, text, facts)
     return Promotion(registered_model, alias, best.info.run_id, version, False, str(policy))
 
+
+
+def promote_study(parent: mlflow.ActiveRun, study: str, source_name: str, target: str, gates: Gates,
+                  policy: str | Policy, registered_model: str | None) -> Promotion:
+    """Promote the best feasible candidate of ``study`` (run under the active ``parent``) to the registered model
+    (``<source_name>-edge`` unless named), and record the outcome on the parent run."""
+    promotion = promote(experiment_ids=[parent.info.experiment_id], study=study, target=target, gates=gates,
+                        policy=policy, registered_model=registered_model or f"{source_name}-edge")
+    progress(promotion.describe())
+    mlflow.set_tags({PROMOTION_TAG: promotion.describe()[:5000]})
+    return promotion
 
 def _feasible(runs: Sequence[Run], gates: Gates, target: str) -> list[tuple[Run, GateReport]]:
     if not runs:
@@ -314,7 +333,7 @@ def _settle_interrupted(client: MlflowClient, name: str, winner: Run) -> str | N
         if str(version.version) in aliased:  # killed after its alias moved: it was promoted, only the tag is late
             client.set_model_version_tag(name, version.version, PROMOTION_TAG, "done")
             continue
-        if version.tags.get("mlflow_edge.run_id") == winner.info.run_id and adopt is None:
+        if version.tags.get(RUN_ID_TAG) == winner.info.run_id and adopt is None:
             adopt = str(version.version)
         else:
             client.delete_model_version(name, version.version)
@@ -365,17 +384,17 @@ def _index(runs: Sequence[Run], run: Run) -> int:
 def candidate_label(run: Run) -> str:
     """``<backend> <precision>`` and the trial number of a candidate run, as people name it."""
     params, tags = run.data.params, run.data.tags
-    trial = f" (trial {tags['mlflow_edge.trial']})" if "mlflow_edge.trial" in tags else ""
+    trial = f" (trial {tags['mlflow_edge.trial']})" if TRIAL_TAG in tags else ""
     return f"{params.get('backend', '?')} {params.get('precision', '?')}{trial}"
 
 
 def _version_tags(promoted: Promoted) -> dict[str, str]:
     best = promoted.run
     return {
-        "mlflow_edge.target": promoted.target,
-        "mlflow_edge.study": best.data.tags.get("mlflow_edge.study", ""),
-        "mlflow_edge.run_id": best.info.run_id,
-        **{key: best.data.tags[key] for key in ("mlflow_edge.trial", "optuna.study") if key in best.data.tags},
+        TARGET_TAG: promoted.target,
+        STUDY_TAG: best.data.tags.get(STUDY_TAG, ""),
+        RUN_ID_TAG: best.info.run_id,
+        **{key: best.data.tags[key] for key in (TRIAL_TAG, "optuna.study") if key in best.data.tags},
         "precision": best.data.params.get("precision", ""),
         "backend": best.data.params.get("backend", ""),
         "source.sha256": best.data.params.get("source.sha256", ""),
@@ -419,6 +438,6 @@ def _current_champion(client: MlflowClient, name: str, alias: str) -> Champion |
         version = client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
-    run_id = version.tags.get("mlflow_edge.run_id") or version.run_id
+    run_id = version.tags.get(RUN_ID_TAG) or version.run_id
     metrics = client.get_run(run_id).data.metrics if run_id else {}
     return Champion(str(version.version), run_id, metrics, version.tags.get("source.sha256", ""))

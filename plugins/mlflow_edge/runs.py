@@ -16,28 +16,27 @@ from mlflow_edge import flavors, procs
 from mlflow_edge.backends import get_backend
 from mlflow_edge.backends.base import Artifact
 from mlflow_edge.errors import EdgeError
+from mlflow_edge.tags import (
+    ACCURACY_FROM_TAG,
+    ACCURACY_KEY_TAG,
+    DIGEST_TAG,
+    ERROR_TAG,
+    MODEL_URI_TAG,
+    OWNER_TAG,
+    PRUNED_TAG,
+    REFERENCE_REUSED_TAG,
+    ROLE_TAG,
+    STUDY_TAG,
+    TARGET_TAG,
+)
 from mlflow_edge.targets import framework_versions, hardware_fingerprint
 
 if TYPE_CHECKING:
     from mlflow_edge.evaluation.harness import Evaluator
     from mlflow_edge.gates import Gates
-    from mlflow_edge.registry import Policy
-    from mlflow_edge.sources import SourceModel
 
 DEFAULT_EXPERIMENT = "mlflow-edge"
-ERROR_TAG = "mlflow_edge.error"
-PRUNED_TAG = "mlflow_edge.pruned"
 STALE_REASON = "interrupted: the run was left RUNNING by a process that stopped"
-MODEL_URI_TAG = "mlflow_edge.model_uri"
-DIGEST_TAG = "mlflow_edge.artifact_sha256"
-"""Content hash of an evaluated artifact's model files (:func:`mlflow_edge.artifacts.content_digest`)."""
-ACCURACY_KEY_TAG = "mlflow_edge.accuracy_key"
-"""What the accuracy of an evaluated run was measured against (:meth:`~mlflow_edge.evaluation.harness.Evaluator.
-accuracy_key`): with :data:`DIGEST_TAG`, when another run's accuracy stands for a new one."""
-ACCURACY_FROM_TAG = "mlflow_edge.accuracy_from"
-"""On a run whose accuracy was not measured again: the run it was measured in (:func:`earlier_accuracy`)."""
-OWNER_TAG = "mlflow_edge.owner"
-"""``<host>:<pid>-<start time>`` of the process that runs the run (:func:`mlflow_edge.procs.owner_tag`)."""
 
 
 def progress(message: str) -> None:
@@ -133,7 +132,7 @@ def log_new_params(params: Mapping[str, Any]) -> None:
 
 def run_tags(target: str, study: str, role: str, backends: Sequence[str] = ()) -> dict[str, str]:
     """The conventions' tags: target, study, role, hardware fingerprint and framework versions."""
-    tags = {"mlflow_edge.target": target, "mlflow_edge.study": study, "mlflow_edge.role": role}
+    tags = {TARGET_TAG: target, STUDY_TAG: study, ROLE_TAG: role}
     tags.update(hardware_fingerprint())
     tags.update(framework_versions())
     for name in backends:
@@ -243,17 +242,3 @@ def evaluate_candidate(evaluator: "Evaluator", artifact: Artifact, gates: "Gates
     progress(f"{artifact.precision}: size {metrics['size_mb']:.1f} MB, ppl {metrics['perplexity']:.3f}, "
              f"KLD {metrics['kld_mean']:.4f}{speed}, gates {report.describe()}")
     return {"metrics": metrics, "report": report, "model_uri": model_uri}
-
-
-def promote_study(parent: mlflow.ActiveRun, study: str, source: "SourceModel", target: str, gates: "Gates",
-                  policy: "str | Policy", registered_model: str | None):
-    """Promote the best feasible candidate of ``study`` and record the outcome on the parent run."""
-    from mlflow_edge import registry
-
-    promotion = registry.promote(
-        experiment_ids=[parent.info.experiment_id], study=study, target=target, gates=gates, policy=policy,
-        registered_model=registered_model or f"{source.name}-edge",
-    )
-    progress(promotion.describe())
-    mlflow.set_tags({"mlflow_edge.promotion": promotion.describe()[:5000]})
-    return promotion

@@ -31,7 +31,6 @@ from mlflow_edge.runs import (
     log_model_with_metrics,
     log_new_params,
     progress,
-    promote_study,
     run_tags,
     tracked_run,
 )
@@ -175,7 +174,7 @@ def run_sweep(model: str = "demo", backend: str | None = None, types: Sequence[s
         finally:
             evaluator.close()
         _log_sweep_report(rows, f"{source.name} on {target}: {backend} sweep")
-        return promote_study(parent, study, source, target, gate_spec, policy, registered_model)
+        return registry.promote_study(parent, study, source.name, target, gate_spec, policy, registered_model)
 
 
 def _sweep_rows(evaluator: Evaluator, source: SourceModel, base: Artifact, types: Sequence[str],

@@ -421,12 +421,13 @@ def test_apple_silicon_search_in_accuracy_only_mode_promotes_a_champion(tracking
     import mlflow
     from mlflow import MlflowClient
 
-    from mlflow_edge.search import run_search
+    from mlflow_edge.search import SearchConfig, run_search
 
     with pytest.raises(EdgeError, match="--accuracy-only true"):
-        run_search(str(tiny_source.path), target="apple-silicon", trials=1, settings=tiny_settings)
-    result = run_search(str(tiny_source.path), target="apple-silicon", trials=2, accuracy_only=True,
-                        settings=tiny_settings, gates="accuracy_retention>=0.5", registered_model="tiny-apple")
+        run_search(SearchConfig(str(tiny_source.path), target="apple-silicon", trials=1, settings=tiny_settings))
+    result = run_search(SearchConfig(str(tiny_source.path), target="apple-silicon", trials=2, accuracy_only=True,
+                                     settings=tiny_settings, gates="accuracy_retention>=0.5",
+                                     registered_model="tiny-apple"))
     trials = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`mlflow_edge.role` = 'candidate'")
     assert set(trials["params.backend"].dropna()) <= {"mlx", "llamacpp"} and "mlx" in set(trials["params.backend"])
     assert (trials["params.eval.speed"].dropna() == "false").all()

@@ -13,6 +13,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
 
 from mlflow_edge.flavors import _common
+from mlflow_edge.flavors._mlflow_compat import STRICT_MARK
 
 DEFAULTS = {"max_tokens": 64, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "stop": [], "seed": 0,
             "repetition_penalty": 1.0, "chat": False}
@@ -63,7 +64,7 @@ def test_mlflow_refuses_undeclared_params_of_registered_loaders_only():
     _common.refuse_undeclared_params("tests.flavors.fake_loader")
     _common.refuse_undeclared_params("tests.flavors.fake_loader")  # idempotent: wrapped once
     validate = sys.modules["mlflow.pyfunc"]._validate_prediction_input
-    assert getattr(validate, _common._STRICT_MARK) and not getattr(validate.__wrapped__, _common._STRICT_MARK, False)
+    assert getattr(validate, STRICT_MARK) and not getattr(validate.__wrapped__, STRICT_MARK, False)
     schema = _common.params_schema()
     with pytest.raises(MlflowException, match="unknown param 'bogus'"):
         validate(["x"], {"bogus": 1, "max_tokens": 2}, None, schema, "tests.flavors.fake_loader")

@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 
 from mlflow_edge import artifacts, flavors, workflow
 from mlflow_edge.cli import main
+from mlflow_edge.tags import METADATA_KEY
 
 # -- fixtures -----------------------------------------------------------------------------------------------------
 
@@ -249,7 +250,7 @@ def model_folder(tiny_gguf, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mlflow_edge.flavors import gguf
 
     path = tmp_path_factory.mktemp("serve-model") / "model"
-    gguf.save_model(tiny_gguf.path, path, n_ctx=128, metadata={flavors.METADATA_KEY: flavors.provenance(tiny_gguf)})
+    gguf.save_model(tiny_gguf.path, path, n_ctx=128, metadata={METADATA_KEY: flavors.provenance(tiny_gguf)})
     return path
 
 
@@ -347,7 +348,7 @@ def pyfunc_model(request, tiny_source, tmp_path_factory: pytest.TempPathFactory)
     path = tmp_path_factory.mktemp(f"contract-{request.param}") / "model"
     artifact = _artifact(tiny_source, backend, precision)
     flavors.flavor_module(artifact.format).save_model(
-        artifact.path, path, metadata={flavors.METADATA_KEY: flavors.provenance(artifact)},
+        artifact.path, path, metadata={METADATA_KEY: flavors.provenance(artifact)},
         **({"n_ctx": 256} if backend == "llamacpp" else {"max_context": 256}))
     return mlflow.pyfunc.load_model(str(path))
 

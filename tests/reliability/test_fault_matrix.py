@@ -567,11 +567,12 @@ KILL_AFTER_ALIAS = textwrap.dedent("""
     from mlflow import MlflowClient
     from mlflow_edge import registry
     from mlflow_edge.gates import parse_gates
+    from mlflow_edge.tags import PROMOTION_TAG
 
     original = MlflowClient.set_model_version_tag
 
     def tag(self, name, version, key, value):  # dies once the alias is set, before the version is tagged done
-        if key == registry.PROMOTION_TAG and value == "done":
+        if key == PROMOTION_TAG and value == "done":
             os.kill(os.getpid(), signal.SIGKILL)
         return original(self, name, version, key, value)
 

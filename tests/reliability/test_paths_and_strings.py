@@ -16,7 +16,8 @@ from mlflow_edge.artifacts import read_artifact_record
 from mlflow_edge.errors import EdgeError
 from mlflow_edge.flavors import METADATA_KEY, artifact_from_model, flavor_module
 from mlflow_edge.report import write_report
-from mlflow_edge.search.study import open_storage, redacted, run_search, write_search_report
+from mlflow_edge.search import SearchConfig, run_search, write_search_report
+from mlflow_edge.search.storage import open_storage, redacted
 
 SCRIPT = "<script>alert('x')</script>"
 
@@ -119,7 +120,7 @@ def test_an_unreachable_storage_fails_fast_in_one_line_without_the_password() ->
 def test_a_search_on_an_unreachable_storage_starts_nothing(tracking_uri, tiny_source, capfd) -> None:
     start = time.monotonic()
     with pytest.raises(EdgeError) as info:
-        run_search(str(tiny_source.path), trials=1, storage="postgresql://u:s3cret@127.0.0.1:1/x")
+        run_search(SearchConfig(str(tiny_source.path), trials=1, storage="postgresql://u:s3cret@127.0.0.1:1/x"))
     assert time.monotonic() - start < 20
     assert "s3cret" not in str(info.value) + "".join(capfd.readouterr())
     assert mlflow.search_runs(search_all_experiments=True).empty

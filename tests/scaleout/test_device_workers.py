@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from mlflow_edge.errors import EdgeError
-from mlflow_edge.search.study import COORDINATION_ATTR, run_worker
+from mlflow_edge.search.workers import COORDINATION_ATTR, run_worker
 from mlflow_edge.targets import is_measurable
 from tests.scaleout.processes import FAST, cli, start
 

@@ -9,7 +9,7 @@ import pytest
 from mlflow_edge.evaluation.harness import EvalSettings
 from mlflow_edge.metrics import ACCURACY_SIZE_METRICS
 from mlflow_edge.runs import ACCURACY_FROM_TAG, ACCURACY_KEY_TAG, DIGEST_TAG
-from mlflow_edge.search import run_search
+from mlflow_edge.search import SearchConfig, run_search
 
 QUICK = EvalSettings(window=64, windows=2, threads=2, repeats=2, prefill_tokens=64, prompt_tokens=16, decode_tokens=8)
 
@@ -31,8 +31,8 @@ def two_studies(tmp_path_factory, tiny_source, use_sqlite_store):
     folder = tmp_path_factory.mktemp("reuse")
     with pytest.MonkeyPatch.context() as patch:
         use_sqlite_store(folder, patch)
-        run_search(str(tiny_source.path), study_name="first", settings=QUICK, **COMMON)
-        run_search(str(tiny_source.path), study_name="second", settings=QUICK, **COMMON)
+        run_search(SearchConfig(str(tiny_source.path), study_name="first", settings=QUICK, **COMMON))
+        run_search(SearchConfig(str(tiny_source.path), study_name="second", settings=QUICK, **COMMON))
         yield _trial_runs("first"), _trial_runs("second")
         mlflow.end_run()
 
@@ -52,7 +52,7 @@ def test_the_second_study_reuses_the_accuracy_and_times_the_artifact_again(two_s
 def test_other_evaluation_settings_measure_accuracy_again(two_studies, tiny_source):
     (two,), _ = two_studies  # measured with two windows, in the store this search runs in
     three = EvalSettings(**{**QUICK.__dict__, "windows": 3})
-    run_search(str(tiny_source.path), study_name="three-windows", settings=three, **COMMON)
+    run_search(SearchConfig(str(tiny_source.path), study_name="three-windows", settings=three, **COMMON))
     (again,) = _trial_runs("three-windows")
     mlflow.end_run()
     assert two.data.tags[DIGEST_TAG] == again.data.tags[DIGEST_TAG]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from mlflow_edge.search.study import GaveWay, claim
+from mlflow_edge.search.objective import GaveWay, claim
 
 
 def _two_trials_with_the_same_params():

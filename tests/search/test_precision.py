@@ -149,13 +149,14 @@ def test_a_near_lossless_search_starts_at_8_bits_and_logs_its_predictions(tiny_s
     import mlflow
 
     from mlflow_edge.evaluation.harness import EvalSettings
-    from mlflow_edge.search import run_search
+    from mlflow_edge.search import SearchConfig, run_search
 
     settings = EvalSettings(window=64, windows=4, threads=2, repeats=2, prefill_tokens=64, prompt_tokens=16,
                             decode_tokens=8)
-    result = run_search(str(tiny_source.path), trials=4, objectives="min:size_mb", fidelity="near-lossless",
-                        gates="accuracy_retention>=0.5", settings=dataclasses.replace(settings),
-                        backends=["llamacpp"], registered_model="tiny-precision-edge", screen_windows=0)
+    result = run_search(SearchConfig(str(tiny_source.path), trials=4, objectives="min:size_mb",
+                                     fidelity="near-lossless", gates="accuracy_retention>=0.5",
+                                     settings=dataclasses.replace(settings), backends=["llamacpp"],
+                                     registered_model="tiny-precision-edge", screen_windows=0))
     import optuna
 
     trials = optuna.load_study(study_name=result["study"], storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials

@@ -18,8 +18,10 @@ from mlflow import MlflowClient
 from mlflow_edge import procs
 from mlflow_edge.errors import EdgeError
 from mlflow_edge.runs import end_runs_of_gone_processes
-from mlflow_edge.search import backends_for, run_search
-from mlflow_edge.search.study import fail_stale_trials, open_storage, parse_objectives, starting_points
+from mlflow_edge.search import SearchConfig, backends_for, run_search
+from mlflow_edge.search.config import parse_objectives
+from mlflow_edge.search.storage import fail_stale_trials, open_storage
+from mlflow_edge.search.study import starting_points
 
 GATES = "accuracy_retention>=0.9"
 MODEL_NAME = "tiny-search-edge"
@@ -40,8 +42,8 @@ def searched(tmp_path_factory, tiny_source, settings, use_sqlite_store):
     folder = tmp_path_factory.mktemp("search-store")
     with pytest.MonkeyPatch.context() as patch:
         use_sqlite_store(folder, patch)
-        result = run_search(str(tiny_source.path), trials=3, seed=0, gates=GATES, settings=settings,
-                            registered_model=MODEL_NAME)
+        result = run_search(SearchConfig(str(tiny_source.path), trials=3, seed=0, gates=GATES, settings=settings,
+                                         registered_model=MODEL_NAME))
         yield folder, result
         mlflow.end_run()
 
@@ -106,8 +108,8 @@ def test_search_logs_pareto_report_and_promotes(searched):
 
 def test_search_resumes_the_remaining_budget(searched, tiny_source, settings):
     folder, result = searched
-    again = run_search(str(tiny_source.path), trials=4, seed=0, gates=GATES, settings=settings,
-                       registered_model=MODEL_NAME)
+    again = run_search(SearchConfig(str(tiny_source.path), trials=4, seed=0, gates=GATES, settings=settings,
+                                    registered_model=MODEL_NAME))
     assert again["study"] == result["study"] and again["new_trials"] == 1 and again["trials"] == 4
     trials = _optuna_trials(folder, result["study"])
     assert len(trials) == 4
@@ -121,8 +123,8 @@ def test_search_resumes_the_remaining_budget(searched, tiny_source, settings):
         assert trials[3].params == trials[twin].params and trials[3].values == trials[twin].values
         assert children["tags.mlflow_edge.trial"].dropna().empty
 
-    done = run_search(str(tiny_source.path), trials=4, seed=0, gates=GATES, settings=settings,
-                      registered_model=MODEL_NAME)  # nothing left to run: nothing is measured again
+    done = run_search(SearchConfig(str(tiny_source.path), trials=4, seed=0, gates=GATES, settings=settings,
+                                   registered_model=MODEL_NAME))  # nothing left to run: nothing is measured again
     assert done["new_trials"] == 0 and "kept" in done["promotion"]
     assert _runs()[lambda t: t["tags.mlflow.parentRunId"] == done["run_id"]].empty  # not even the reference
 
@@ -144,7 +146,7 @@ def test_search_resumes_the_remaining_budget(searched, tiny_source, settings):
 ])
 def test_bad_inputs_are_one_line_errors_and_register_nothing(tracking_uri, tiny_source, kwargs, message):
     with pytest.raises(EdgeError) as info:
-        run_search(str(tiny_source.path), **{"trials": 1, **kwargs})
+        run_search(SearchConfig(str(tiny_source.path), **{"trials": 1, **kwargs}))
     assert message in str(info.value) and "\n" not in str(info.value)
     assert mlflow.search_runs(search_all_experiments=True).empty
     assert MlflowClient().search_registered_models() == []
@@ -154,7 +156,7 @@ def test_bad_inputs_are_one_line_errors_and_register_nothing(tracking_uri, tiny_
 STALE_CHILD = """
 import sys, time
 import optuna
-from mlflow_edge.search.study import open_storage
+from mlflow_edge.search.storage import open_storage
 
 study = optuna.load_study(study_name="s", storage=open_storage(sys.argv[1]))
 
@@ -239,16 +241,17 @@ def test_objectives():
 
 
 def test_a_failing_trial_fails_alone(tracking_uri, tiny_source, monkeypatch):
-    from mlflow_edge.search import study as study_module
+    from mlflow_edge.evaluation.harness import EvalSettings
+    from mlflow_edge.search import objective as objective_module
 
     def broken(*args, **kwargs):
         raise EdgeError("llama.cpp could not quantize: simulated")
 
-    monkeypatch.setattr(study_module, "quantize", broken)
+    monkeypatch.setattr(objective_module, "quantize", broken)
     with pytest.raises(EdgeError, match="no evaluated candidate runs"):
-        run_search(str(tiny_source.path), trials=1, gates=GATES, registered_model=MODEL_NAME,
-                   settings=study_module.EvalSettings(window=64, windows=2, threads=2, repeats=2, prefill_tokens=64,
-                                                      prompt_tokens=16, decode_tokens=8))
+        run_search(SearchConfig(str(tiny_source.path), trials=1, gates=GATES, registered_model=MODEL_NAME,
+                                settings=EvalSettings(window=64, windows=2, threads=2, repeats=2, prefill_tokens=64,
+                                                      prompt_tokens=16, decode_tokens=8)))
     table = mlflow.search_runs(search_all_experiments=True)
     trial = table[table["tags.mlflow_edge.role"] == "candidate"]
     assert len(trial) == 1 and trial.iloc[0]["status"] == "FAILED"
@@ -267,9 +270,9 @@ def _study(name: str) -> optuna.Study:
 def test_a_trial_failing_the_accuracy_gate_on_the_first_windows_is_pruned(tracking_uri, tiny_source, settings):
     result = None
     with pytest.raises(EdgeError, match="no evaluated candidate runs"):  # 2 windows: the first with an interval
-        result = run_search(str(tiny_source.path), trials=2, gates="accuracy_retention>=1.5",
-                            settings=dataclasses.replace(settings, windows=4), screen_windows=2,
-                            registered_model=MODEL_NAME)
+        result = run_search(SearchConfig(str(tiny_source.path), trials=2, gates="accuracy_retention>=1.5",
+                                         settings=dataclasses.replace(settings, windows=4), screen_windows=2,
+                                         registered_model=MODEL_NAME))
     assert result is None
     trials = _study(f"{tiny_source.name}-cpu").trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.PRUNED] * 2
@@ -286,8 +289,8 @@ def test_a_trial_failing_the_accuracy_gate_on_the_first_windows_is_pruned(tracki
 
 def test_without_screening_the_same_trial_is_measured_in_full(tracking_uri, tiny_source, settings):
     with pytest.raises(EdgeError, match="none of 1 candidates passed the gates"):
-        run_search(str(tiny_source.path), trials=1, gates="accuracy_retention>=1.5", settings=settings,
-                   screen_windows=0, registered_model=MODEL_NAME)
+        run_search(SearchConfig(str(tiny_source.path), trials=1, gates="accuracy_retention>=1.5", settings=settings,
+                                screen_windows=0, registered_model=MODEL_NAME))
     (trial,) = _study(f"{tiny_source.name}-cpu").trials
     assert trial.state == optuna.trial.TrialState.COMPLETE and trial.constraints["gate.accuracy_retention_ge_1.5"] > 0
 
@@ -298,7 +301,8 @@ def test_a_repeated_configuration_reuses_the_earlier_result(tracking_uri, tiny_s
                                 directions=["maximize", "minimize", "maximize"])
     for _ in range(2):
         study.enqueue_trial({"backend": "llamacpp", "llamacpp.precision": "Q8_0", "llamacpp.imatrix": False})
-    result = run_search(str(tiny_source.path), trials=2, gates=GATES, settings=settings, registered_model=MODEL_NAME)
+    result = run_search(SearchConfig(str(tiny_source.path), trials=2, gates=GATES, settings=settings,
+                                     registered_model=MODEL_NAME))
     first, second = _study(name).trials
     assert second.user_attrs["twin_of"] == 0 and second.values == first.values
     assert second.user_attrs["run_id"] == first.user_attrs["run_id"] and second.constraints == first.constraints
@@ -308,9 +312,10 @@ def test_a_repeated_configuration_reuses_the_earlier_result(tracking_uri, tiny_s
 
 
 def test_accuracy_only_mode_for_a_target_whose_hardware_is_absent(tracking_uri, tiny_source, settings):
-    result = run_search(str(tiny_source.path), target="arm-cpu", trials=2, accuracy_only=True, settings=settings,
-                        policy="weighted:min:size_mb=1,max:accuracy_retention=1", registered_model=MODEL_NAME,
-                        gates="accuracy_retention>=0.5,speedup>=2.0|compression_ratio>=1.5")
+    result = run_search(SearchConfig(str(tiny_source.path), target="arm-cpu", trials=2, accuracy_only=True,
+                                     settings=settings, policy="weighted:min:size_mb=1,max:accuracy_retention=1",
+                                     registered_model=MODEL_NAME,
+                                     gates="accuracy_retention>=0.5,speedup>=2.0|compression_ratio>=1.5"))
     parent = mlflow.get_run(result["run_id"])
     assert parent.data.tags["mlflow_edge.measured"] == "accuracy,size"
     assert parent.data.tags["gates.dropped"] == "speedup>=2.0"

@@ -6,7 +6,7 @@ import time
 
 import optuna
 
-from mlflow_edge.search.study import TimeLeft
+from mlflow_edge.search.workers import TimeLeft
 
 
 def _slow(trial: optuna.Trial) -> float:

@@ -16,9 +16,9 @@ from mlflow import MlflowClient
 from mlflow_edge.artifacts import content_digest, read_artifact_record
 from mlflow_edge.cli import main
 from mlflow_edge.runs import DIGEST_TAG, MODEL_URI_TAG
-from mlflow_edge.search import run_search
+from mlflow_edge.search import SearchConfig, run_search
+from mlflow_edge.search.objective import REBUILD_TAG
 from mlflow_edge.search.space import DistinctSampler, enumerate_space, suggest, unmeasured
-from mlflow_edge.search.study import REBUILD_TAG
 
 MODEL_NAME = "tiny-trust-edge"
 
@@ -47,9 +47,9 @@ def searched(tmp_path_factory, tiny_source, use_sqlite_store):
     settings = dataclasses.replace(_quick(), windows=4)
     with pytest.MonkeyPatch.context() as patch:
         use_sqlite_store(folder, patch)
-        result = run_search(str(tiny_source.path), trials=3, objectives="min:size_mb",
-                            gates="accuracy_retention>=0.5", settings=settings, backends=["llamacpp"],
-                            registered_model=MODEL_NAME, screen_windows=0)
+        result = run_search(SearchConfig(str(tiny_source.path), trials=3, objectives="min:size_mb",
+                                         gates="accuracy_retention>=0.5", settings=settings, backends=["llamacpp"],
+                                         registered_model=MODEL_NAME, screen_windows=0))
         runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
         yield folder, result, runs
         mlflow.end_run()
@@ -148,9 +148,9 @@ def test_an_exhausted_space_stops_the_search_saying_so(tracking_uri, tiny_source
         distributions = {k: optuna.distributions.CategoricalDistribution(choices[k]) for k in point}
         study.add_trial(optuna.trial.create_trial(params=point, distributions=distributions, values=[1.0]))
     with pytest.raises(Exception, match="no evaluated candidate runs"):
-        run_search(str(tiny_source.path), trials=50, objectives="min:size_mb", backends=["llamacpp"],
-                   study_name="exhausted", storage=storage, registered_model=MODEL_NAME,
-                   settings=dataclasses.replace(_quick(), windows=2))
+        run_search(SearchConfig(str(tiny_source.path), trials=50, objectives="min:size_mb", backends=["llamacpp"],
+                                study_name="exhausted", storage=storage, registered_model=MODEL_NAME,
+                                settings=dataclasses.replace(_quick(), windows=2)))
     err = capsys.readouterr().err
     assert "only 0 of the 38 configurations are not measured yet" in err and "0 to run" in err
     assert len(optuna.load_study(study_name="exhausted", storage=storage).trials) == 38  # nothing measured again
@@ -164,7 +164,7 @@ def _quick():
 
 
 def test_trials_that_fail_before_measuring_cannot_loop_forever():
-    from mlflow_edge.search.study import StopWhenDone
+    from mlflow_edge.search.workers import StopWhenDone
 
     study = optuna.create_study()
     calls = []

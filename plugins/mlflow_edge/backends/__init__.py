@@ -12,7 +12,7 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
-from mlflow_edge.backends.base import Artifact, Backend, Generation, OptionSpec, Runner
+from mlflow_edge.backends.base import Artifact, Backend, Generation, OptionSpec, Runner, missing_members
 from mlflow_edge.errors import EdgeError, first_line
 
 ENTRY_POINT_GROUP = "mlflow_edge.backends"
@@ -21,11 +21,20 @@ __all__ = ["Artifact", "Backend", "ENTRY_POINT_GROUP", "EdgeError", "Generation"
            "backend_for_format", "backend_names", "get_backend", "open_local_artifact"]
 
 
+def _distribution(entry: EntryPoint) -> str:
+    return entry.dist.name if entry.dist is not None else entry.value
+
+
 @functools.cache
 def _entry_points() -> dict[str, EntryPoint]:
+    """The group's entry points by name; a name claimed by two distributions is refused (as pluggy refuses a second
+    plugin of one name) rather than won silently by one of them."""
     found: dict[str, EntryPoint] = {}
-    for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        found.setdefault(entry.name, entry)  # the first distribution to claim a name keeps it
+    for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, _distribution(e))):
+        first = found.setdefault(entry.name, entry)
+        if first is not entry and first.value != entry.value:
+            raise EdgeError(f"backend '{entry.name}' is registered twice: by {_distribution(first)} "
+                            f"({first.value}) and by {_distribution(entry)} ({entry.value}); uninstall one")
     return found
 
 
@@ -47,6 +56,9 @@ def _backend_class(name: str) -> type:
     if getattr(backend_class, "name", None) != name:
         raise EdgeError(f"backend entry point '{name}' points to {entry.value}, whose name is "
                         f"'{getattr(backend_class, 'name', None)}'")
+    if missing := missing_members(backend_class):
+        raise EdgeError(f"backend '{name}' ({entry.value}, from {_distribution(entry)}) lacks the Backend "
+                        f"member(s) {', '.join(missing)}")
     return backend_class
 
 
@@ -63,18 +75,23 @@ def optional_method(name: str, method: str) -> Any:
 
 
 def loadable_backends() -> tuple[Backend, ...]:
-    """Every registered backend whose module imports (its framework may still be missing)."""
-    found = []
+    """Every registered backend whose module imports (its framework may still be missing). Two backends writing
+    one format are refused: which of them a logged model of that format belongs to would depend on their names."""
+    found: dict[str, Backend] = {}
     for name in backend_names():
         try:
-            found.append(get_backend(name))
+            backend = get_backend(name)
         except EdgeError:
             continue
-    return tuple(found)
+        if (other := found.setdefault(backend.format, backend)) is not backend:
+            raise EdgeError(f"backends '{other.name}' (from {_distribution(_entry_points()[other.name])}) and "
+                            f"'{name}' (from {_distribution(_entry_points()[name])}) both write format "
+                            f"'{backend.format}'; uninstall one")
+    return tuple(found.values())
 
 
 def backend_for_format(artifact_format: str) -> Backend:
-    """The first registered backend writing ``artifact_format`` (the conventions' ``format`` param)."""
+    """The registered backend writing ``artifact_format`` (the conventions' ``format`` param)."""
     for backend in loadable_backends():
         if backend.format == artifact_format:
             return backend

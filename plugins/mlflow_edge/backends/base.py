@@ -9,7 +9,9 @@ flows and the search only ever see these types, never a framework.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -119,6 +121,26 @@ class OptionSpec:
     default: Any = None
     choices: tuple[Any, ...] | None = None
     help: str = ""
+    label: str | None = None
+    """How the option shows in a trial's label on the search's plots: a template of ``{value}`` (``"g{value}"``), or
+    ``""`` to leave it out; ``None`` shows ``name=value``, or the name alone for a true boolean."""
+    label_off: str | None = None
+    """For a boolean, the word shown when it is false (``"asym"`` for a false ``is_symmetric``); ``None`` shows none."""
+
+    def label_word(self, value: Any) -> str | None:
+        """``value`` of this option as a word of a plot label, ``None`` when it is unset, off or left out."""
+        if isinstance(value, bool):
+            shown = self.name if self.label is None else self.label
+            return (shown or None) if value else self.label_off
+        if value is None or self.label == "":
+            return None
+        if isinstance(value, float):
+            if math.isnan(value):
+                return None
+            value = f"{value:g}"
+        if not isinstance(value, (str, int)):
+            return None
+        return self.label.format(value=value) if self.label else f"{self.name}={value}"
 
     def parse(self, value: Any) -> Any:
         """``value`` (a string from the CLI, or a Python value) as this option's type; :class:`EdgeError` when it is
@@ -277,3 +299,58 @@ class Backend(Protocol):
         different backends never collide in one study. Returns ``(precision, options)`` for :meth:`quantize`.
         """
         ...
+
+
+def require(module: str, distribution: str, extra: str) -> Any:
+    """``module`` imported, or a one-line :class:`EdgeError` naming the pip ``distribution`` that provides it and
+    the mlflow-edge ``extra`` that installs it: a framework is imported only where it is used."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise EdgeError(f"{distribution} is not installed: pip install 'mlflow-edge[{extra}]'") from exc
+
+
+class BaseBackend:
+    """What the built-in backends share, and a third-party backend may inherit: the :class:`Backend` Protocol's
+    defaults (no native server, no optional method), typed options, the refusal to quantize a quantized base, and
+    the :class:`Artifact` of a conversion or a quantization. A subclass sets the Protocol's class attributes and
+    implements its methods."""
+
+    name: ClassVar[str]
+    format: ClassVar[str]
+    native_serve_commands: ClassVar[tuple[str, ...]] = ()
+
+    def typed(self, options: Mapping[str, Any] | None) -> dict[str, Any]:
+        """``options`` checked against :meth:`option_specs` and parsed to their declared types."""
+        return typed_options(self.name, self.option_specs(), options)
+
+    def refuse_quantized(self, base: Artifact, hint: str = "") -> None:
+        """An :class:`EdgeError` when ``base`` is not one of :meth:`convert_precisions` (already quantized): the
+        framework's quantizers start from float weights. ``hint`` replaces the default way out."""
+        floats = [p.lower() for p in self.convert_precisions()]
+        if base.precision.lower() not in floats:
+            raise EdgeError(f"{Path(base.path).name} is already quantized ({base.precision}); "
+                            f"{hint or 'quantize an ' + '/'.join(self.convert_precisions()) + ' conversion'}")
+
+    def artifact(self, path: Path, precision: str, origin: "SourceModel | Artifact", options: Mapping[str, Any],
+                 files: Sequence[Path]) -> Artifact:
+        """This backend's :class:`Artifact` at ``path``; ``origin`` is the source it was converted from or the base
+        artifact it was quantized from (its lineage carries over)."""
+        if isinstance(origin, Artifact):
+            lineage = (origin.source_name, origin.source_sha256, origin.num_parameters)
+        else:
+            lineage = (origin.name, origin.sha256, origin.num_parameters)
+        return Artifact(path=Path(path), backend=self.name, format=self.format, precision=precision,
+                        source_name=lineage[0], source_sha256=lineage[1], num_parameters=lineage[2],
+                        options=dict(options), files=tuple(files))
+
+
+OPTIONAL_MEMBERS = frozenset({"native_serve_commands", "precision_bits", "resource_needs"})
+"""Members of :class:`Backend` a backend may leave out (the Protocol's default, or used where present)."""
+
+
+def missing_members(backend_class: type) -> list[str]:
+    """The :class:`Backend` attributes and methods ``backend_class`` lacks, optional ones aside."""
+    declared = set(Backend.__annotations__) | {n for n, v in vars(Backend).items()
+                                               if callable(v) and not n.startswith("_")}
+    return sorted(n for n in declared - OPTIONAL_MEMBERS if not hasattr(backend_class, n))

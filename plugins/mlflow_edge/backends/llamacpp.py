@@ -158,7 +158,8 @@ class LlamaCppBackend:
     def option_specs(self) -> Sequence[OptionSpec]:
         return (
             OptionSpec("imatrix", bool, False, help="compute an importance matrix from calibration text"),
-            OptionSpec("imatrix_chunks", int, 16, help="calibration chunks of 512 tokens for the importance matrix"),
+            OptionSpec("imatrix_chunks", int, 16, label="",
+                       help="calibration chunks of 512 tokens for the importance matrix"),
             OptionSpec("allow_requantize", bool, False, help="allow re-quantizing tensors that are already quantized"),
             OptionSpec("pure", bool, False, help="quantize every tensor to the default type (no k-quant mixtures)"),
             OptionSpec("leave_output_tensor", bool, False, help="keep output.weight unquantized"),

@@ -507,7 +507,7 @@ class MLXBackend:
 
     def option_specs(self) -> Sequence[OptionSpec]:
         return (
-            OptionSpec("q_group_size", int, None, choices=GROUP_SIZES,
+            OptionSpec("q_group_size", int, None, choices=GROUP_SIZES, label="g{value}",
                        help="mixed_* recipes: group size (mlx-lm --q-group-size; default 64)"),
             OptionSpec("recipe", str, None, help=f"{MIXED}: a recipe JSON file (layer pattern -> q<bits>_g<group>, a "
                        "mode, or the dtype for unquantized; see mlflow_edge.recipes)"),

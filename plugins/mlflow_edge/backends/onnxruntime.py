@@ -194,9 +194,11 @@ class ONNXRuntimeBackend:
 
     def option_specs(self) -> Sequence[OptionSpec]:
         return (
-            OptionSpec("block_size", int, 32, help="weight-only: weights per MatMulNBits block along the inputs "
-                                                   "(a power of two from 16 dividing every quantized layer)"),
-            OptionSpec("is_symmetric", bool, None, help="RTN, GPTQ: signed weights without zero points (default true)"),
+            OptionSpec("block_size", int, 32, label="b{value}",
+                       help="weight-only: weights per MatMulNBits block along the inputs "
+                            "(a power of two from 16 dividing every quantized layer)"),
+            OptionSpec("is_symmetric", bool, None, label="", label_off="asym",
+                       help="RTN, GPTQ: signed weights without zero points (default true)"),
             OptionSpec("accuracy_level", int, 4, choices=(0, 1, 2, 3, 4),
                        help="weight-only: MatMulNBits compute type of the activations "
                             "(0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8: the builder's CPU default)"),
@@ -215,7 +217,7 @@ class ONNXRuntimeBackend:
                        help="int8_static: QuantizeLinear/DequantizeLinear pairs or quantized operators"),
             OptionSpec("calibration_samples", int, None, help="int4_gptq, int8_static: calibration windows (16)"),
             OptionSpec("calibration_tokens", int, 128, help="int4_gptq, int8_static: tokens per calibration window"),
-            OptionSpec("execution_provider", str, None, choices=EXECUTION_PROVIDERS,
+            OptionSpec("execution_provider", str, None, choices=EXECUTION_PROVIDERS, label="",
                        help="runtime: cpu, cuda or dml (measured only where that hardware and build are present)"),
         )
 

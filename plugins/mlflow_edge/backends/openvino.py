@@ -210,8 +210,10 @@ class OpenVINOBackend:
 
     def option_specs(self) -> Sequence[OptionSpec]:
         return (
-            OptionSpec("ratio", float, None, help="share of layers in the 4-bit mode, the rest in backup_mode (NNCF)"),
-            OptionSpec("group_size", int, None, help="weights sharing one scale; -1 per output channel (NNCF)"),
+            OptionSpec("ratio", float, None, label="r{value}",
+                       help="share of layers in the 4-bit mode, the rest in backup_mode (NNCF)"),
+            OptionSpec("group_size", int, None, label="g{value}",
+                       help="weights sharing one scale; -1 per output channel (NNCF)"),
             OptionSpec("group_size_fallback_mode", str, None, choices=("ERROR", "IGNORE", "ADJUST"),
                        help="what NNCF does with layers the group size does not divide"),
             OptionSpec("all_layers", bool, None, help="embeddings and the last MatMul in the primary mode too (NNCF)"),

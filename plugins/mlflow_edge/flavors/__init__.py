@@ -2,11 +2,13 @@
 its module and nothing here.
 
 A flavor module offers ``FLAVOR_NAME``, ``save_model``, ``log_model(model_path, name=..., **kwargs)``, ``load_model``
-and the pyfunc loader ``_load_pyfunc``; the skeleton they share and their one request contract live in
-:mod:`mlflow_edge.flavors._common`. The provenance of a logged artifact (backend, format, precision, source, options)
-is the model's ``Model.metadata["mlflow_edge"]``; the model file or folder is its flavor config's ``data`` (a folder's
-config lists the files whose bytes count as its size under ``model_files``). :func:`artifact_from_model` reads both
-back, so a logged model can be evaluated like the artifact it came from.
+and ``load_generator`` (the text generator of a saved model, which mlflow-edge's server runs; MLflow's pyfunc hook
+``_load_pyfunc`` is the same function); the skeleton they share and their one request contract live in
+:mod:`mlflow_edge.flavors._common`; every private MLflow name they need, in
+:mod:`mlflow_edge.flavors._mlflow_compat`. The provenance of a logged artifact (backend, format, precision, source,
+options) is the model's ``Model.metadata["mlflow_edge"]``; the model file or folder is its flavor config's ``data``
+(a folder's config lists the files whose bytes count as its size under ``model_files``). :func:`artifact_from_model`
+reads both back, so a logged model can be evaluated like the artifact it came from.
 """
 
 from __future__ import annotations
@@ -23,9 +25,7 @@ from mlflow_edge import cache
 from mlflow_edge.backends import backend_for_format
 from mlflow_edge.backends.base import Artifact
 from mlflow_edge.errors import EdgeError, first_line
-
-METADATA_KEY = "mlflow_edge"
-"""The key of a logged model's ``Model.metadata`` that holds its provenance."""
+from mlflow_edge.tags import METADATA_KEY
 
 
 def flavor_module(artifact_format: str) -> ModuleType:
@@ -34,7 +34,9 @@ def flavor_module(artifact_format: str) -> ModuleType:
 
 
 def provenance(artifact: Artifact) -> dict[str, Any]:
-    """What a logged model records about the artifact it holds (its ``Model.metadata["mlflow_edge"]``)."""
+    """What a logged model records about the artifact it holds (its ``Model.metadata["mlflow_edge"]``), with the
+    framework's own server commands for it (``Backend.native_serve_commands``), so that a promotion's readiness
+    report lists them without importing the backend."""
     return {
         "backend": artifact.backend,
         "format": artifact.format,
@@ -43,6 +45,7 @@ def provenance(artifact: Artifact) -> dict[str, Any]:
         "source_sha256": artifact.source_sha256,
         "num_parameters": artifact.num_parameters,
         "options": dict(artifact.options),
+        "native_serve_commands": list(backend_for_format(artifact.format).native_serve_commands),
     }
 
 

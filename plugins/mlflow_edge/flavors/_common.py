@@ -17,9 +17,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib
-import inspect
 import json
 import math
 import os
@@ -37,24 +34,27 @@ from mlflow import pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME, ModelInfo
-from mlflow.models.utils import _save_example
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-from mlflow.utils.environment import (
-    _CONDA_ENV_FILE_NAME,
-    _CONSTRAINTS_FILE_NAME,
-    _PYTHON_ENV_FILE_NAME,
-    _REQUIREMENTS_FILE_NAME,
-    _process_conda_env,
-    _process_pip_requirements,
-    _PythonEnv,
-    _validate_env_arguments,
-)
 from mlflow.utils.file_utils import get_total_file_size, write_to
-from mlflow.utils.model_utils import _validate_and_copy_code_paths, _validate_and_prepare_target_save_path
-from mlflow.utils.requirements_utils import _get_pinned_requirement
 
 from mlflow_edge import cache
 from mlflow_edge.errors import EdgeError
+from mlflow_edge.flavors import _mlflow_compat
+from mlflow_edge.flavors._mlflow_compat import (
+    CONDA_ENV_FILE_NAME,
+    CONSTRAINTS_FILE_NAME,
+    PYTHON_ENV_FILE_NAME,
+    REQUIREMENTS_FILE_NAME,
+    PythonEnv,
+    conda_env_with,
+    copy_code_paths,
+    pinned_requirement,
+    prepare_save_path,
+    process_conda_env,
+    process_pip_requirements,
+    save_example,
+    validate_env_arguments,
+)
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 """The ``mlflow_edge`` package folder: it travels with every model as ``code/mlflow_edge``, so the loader imports."""
@@ -175,41 +175,10 @@ def _stop(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-# -- refusing undeclared params under MLflow's pyfunc -----------------------------------------------------------------
-_STRICT_LOADERS: set[str] = set()
-_STRICT_LOCK = threading.Lock()
-_STRICT_MARK = "_mlflow_edge_refuses_undeclared_params"
-_VALIDATE_ARGS = ["data", "params", "input_schema", "params_schema", "flavor"]
-
-
 def refuse_undeclared_params(loader_module: str) -> None:
-    """Make ``PyFuncModel.predict`` refuse, not drop, params undeclared by models whose loader is ``loader_module``.
-
-    MLflow's ``PyFuncModel._predict`` passes the caller's params through ``mlflow.pyfunc._validate_prediction_input``,
-    whose ``_enforce_params_schema`` drops every undeclared param with a warning before the model's ``predict`` sees
-    them (``mlflow models serve`` calls the same ``PyFuncModel.predict``), and MLflow has no public option to refuse
-    them. So the loader wraps that function, once per process: for its own models (the ``flavor`` argument is the
-    loader module) it checks the names first; every other model is left as MLflow treats it. Should a future MLflow
-    change that function, nothing is wrapped and undeclared params are dropped again (the flavor tests catch it).
-    """
-    module = importlib.import_module("mlflow.pyfunc")  # the module itself: `mlflow.pyfunc` may be a lazy proxy
-    with _STRICT_LOCK:
-        _STRICT_LOADERS.add(loader_module)
-        original = getattr(module, "_validate_prediction_input", None)
-        if original is None or getattr(original, _STRICT_MARK, False):
-            return
-        if list(inspect.signature(original).parameters) != _VALIDATE_ARGS:
-            return
-
-        @functools.wraps(original)
-        def validate(data, params, input_schema, params_schema, flavor=None):
-            if flavor in _STRICT_LOADERS:
-                declared = [spec.name for spec in params_schema.params] if params_schema is not None else []
-                check_param_names(params if isinstance(params, Mapping) else None, declared)
-            return original(data, params, input_schema, params_schema, flavor)
-
-        setattr(validate, _STRICT_MARK, True)
-        module._validate_prediction_input = validate
+    """Models whose pyfunc loader is ``loader_module`` refuse undeclared params in ``predict`` instead of MLflow
+    dropping them (:func:`mlflow_edge.flavors._mlflow_compat.refuse_undeclared_params`)."""
+    _mlflow_compat.refuse_undeclared_params(loader_module, check_param_names)
 
 
 # -- prompts --------------------------------------------------------------------------------------------------------
@@ -559,10 +528,15 @@ class LogitsModelWrapper(TextGenerator):
 
 
 # -- save, log, load ------------------------------------------------------------------------------------------------
+def default_conda_env(pip_requirements: list[str]) -> dict[str, Any]:
+    """The conda environment of a flavor's models: MLflow's default with ``pip_requirements``."""
+    return conda_env_with(pip_requirements)
+
+
 def pip_requirements(runtime: Sequence[str]) -> list[str]:
     """``runtime`` (the backend's ``requirements``) and :data:`LOADER_REQUIREMENTS`, pinned to the installed
     versions; MLflow adds ``mlflow`` itself."""
-    return [_get_pinned_requirement(name) for name in dict.fromkeys([*runtime, *LOADER_REQUIREMENTS])]
+    return [pinned_requirement(name) for name in dict.fromkeys([*runtime, *LOADER_REQUIREMENTS])]
 
 
 def save_model(path: str | os.PathLike, flavor: ModuleType, write_files: Callable[[Path], dict[str, Any]], *,
@@ -578,22 +552,22 @@ def save_model(path: str | os.PathLike, flavor: ModuleType, write_files: Callabl
     The keyword arguments after it are MLflow's usual ``save_model`` arguments. Callers validate their input first:
     nothing is written before this runs, and nothing half-written stays behind when it fails.
     """
-    _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
+    validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
     mlflow_model = mlflow_model if mlflow_model is not None else Model()
     if metadata is not None:
         mlflow_model.metadata = metadata
     mlflow_model.metadata = _json_copy(mlflow_model.metadata, "metadata")
     path = os.path.abspath(path)
     created = not os.path.exists(path)
-    _validate_and_prepare_target_save_path(path)
+    prepare_save_path(path)
     try:
-        code = _validate_and_copy_code_paths([*(code_paths or []), str(PACKAGE_DIR)], path)
+        code = copy_code_paths([*(code_paths or []), str(PACKAGE_DIR)], path)
         mlflow_model.signature = signature if signature is not None else default_signature()
         if input_example is not None:
-            _save_example(mlflow_model, input_example, path)
+            save_example(mlflow_model, input_example, path)
         conf = write_files(Path(path))
         pyfunc.add_to_model(mlflow_model, loader_module=flavor.__name__, data=conf["data"], code=code,
-                            conda_env=_CONDA_ENV_FILE_NAME, python_env=_PYTHON_ENV_FILE_NAME,
+                            conda_env=CONDA_ENV_FILE_NAME, python_env=PYTHON_ENV_FILE_NAME,
                             model_config=model_config)
         mlflow_model.add_flavor(flavor.FLAVOR_NAME, code=code, **conf)
         if size := get_total_file_size(path):
@@ -635,17 +609,17 @@ def write_environment(path: str, conda_env: dict | str | None, pip_requirements:
     as MLflow's own flavors write them (``default_requirements`` unless the caller gives requirements)."""
     if conda_env is None:
         default_reqs = default_requirements() if pip_requirements is None else None
-        conda_env, pip_requirements, pip_constraints = _process_pip_requirements(
+        conda_env, pip_requirements, pip_constraints = process_pip_requirements(
             default_reqs, pip_requirements, extra_pip_requirements
         )
     else:
-        conda_env, pip_requirements, pip_constraints = _process_conda_env(conda_env)
-    with open(os.path.join(path, _CONDA_ENV_FILE_NAME), "w") as f:
+        conda_env, pip_requirements, pip_constraints = process_conda_env(conda_env)
+    with open(os.path.join(path, CONDA_ENV_FILE_NAME), "w") as f:
         yaml.safe_dump(conda_env, stream=f, default_flow_style=False)
     if pip_constraints:
-        write_to(os.path.join(path, _CONSTRAINTS_FILE_NAME), "\n".join(pip_constraints))
-    write_to(os.path.join(path, _REQUIREMENTS_FILE_NAME), "\n".join(pip_requirements))
-    _PythonEnv.current().to_yaml(os.path.join(path, _PYTHON_ENV_FILE_NAME))
+        write_to(os.path.join(path, CONSTRAINTS_FILE_NAME), "\n".join(pip_constraints))
+    write_to(os.path.join(path, REQUIREMENTS_FILE_NAME), "\n".join(pip_requirements))
+    PythonEnv.current().to_yaml(os.path.join(path, PYTHON_ENV_FILE_NAME))
 
 
 def log_model(flavor: ModuleType, name: str | None, **kwargs: Any) -> ModelInfo:

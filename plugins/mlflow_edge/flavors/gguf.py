@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from mlflow.exceptions import MlflowException
 from mlflow.models.model import ModelInfo
-from mlflow.utils.environment import _mlflow_conda_env
 
 from mlflow_edge import cache
 from mlflow_edge.backends.llamacpp import LlamaCppBackend, require_llama_cpp
@@ -54,7 +53,7 @@ def get_default_pip_requirements() -> list[str]:
 
 
 def get_default_conda_env() -> dict[str, Any]:
-    return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements())
+    return _common.default_conda_env(get_default_pip_requirements())
 
 
 def save_model(gguf_path: str | os.PathLike, path: str | os.PathLike, *, n_ctx: int = 2048, **kwargs: Any) -> None:
@@ -158,10 +157,15 @@ def _end_of_generation_ids(llm: llama_cpp.Llama) -> set[int]:
     return {i for i in ids if i >= 0}
 
 
-def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _GGUFModelWrapper:
-    """Called by ``mlflow.pyfunc.load_model`` with the path of ``model.gguf``; ``model_config`` may set ``n_ctx``."""
+def load_generator(path: str, model_config: dict[str, Any] | None = None) -> _GGUFModelWrapper:
+    """The text generator of a saved model (what pyfunc and mlflow-edge's server run), from the path of ``model.gguf``;
+    ``model_config`` may set ``n_ctx``."""
     _common.refuse_undeclared_params(__name__)
     conf = _common.flavor_conf(Path(path).parent, FLAVOR_NAME)
     _common.check_model_files(Path(path).parent, _recorded(conf))
     n_ctx = (model_config or {}).get("n_ctx") or conf["n_ctx"]
     return _GGUFModelWrapper(_llama(path, n_ctx))
+
+
+_load_pyfunc = load_generator
+"""MLflow's pyfunc loader hook (``mlflow.pyfunc.load_model`` calls it)."""

@@ -44,7 +44,6 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 from mlflow.models.model import ModelInfo
-from mlflow.utils.environment import _mlflow_conda_env
 
 from mlflow_edge import cache
 from mlflow_edge.backends.mlx import (
@@ -73,7 +72,7 @@ def get_default_pip_requirements() -> list[str]:
 
 
 def get_default_conda_env() -> dict[str, Any]:
-    return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements())
+    return _common.default_conda_env(get_default_pip_requirements())
 
 
 def validate_folder(model_path: str | os.PathLike, adapter_path: str | os.PathLike | None = None) -> Path:
@@ -153,8 +152,9 @@ def load_model(model_uri: str, dst_path: str | None = None) -> tuple[Any, Any]:
     return load(str(folder), adapter_path=str(adapter) if adapter else None)
 
 
-def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _common.LogitsModelWrapper:
-    """Called by ``mlflow.pyfunc.load_model`` with the path of ``model/``; ``model_config`` may set ``max_context``."""
+def load_generator(path: str, model_config: dict[str, Any] | None = None) -> _common.LogitsModelWrapper:
+    """The text generator of a saved model (what pyfunc and mlflow-edge's server run), from the path of ``model/``;
+    ``model_config`` may set ``max_context``."""
     from mlx_lm.utils import load_config, load_tokenizer
 
     _common.refuse_undeclared_params(__name__)
@@ -169,3 +169,7 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _comm
     # mlx-lm's tokenizer, with the end-of-sequence ids mlx-lm reads (generation_config.json first, then config.json)
     tokenizer = load_tokenizer(folder, eos_token_ids=load_config(folder).get("eos_token_id"))
     return _common.LogitsModelWrapper(runner, tokenizer, tokenizer.eos_token_ids)
+
+
+_load_pyfunc = load_generator
+"""MLflow's pyfunc loader hook (``mlflow.pyfunc.load_model`` calls it)."""

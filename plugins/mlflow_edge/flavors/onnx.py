@@ -46,7 +46,6 @@ from typing import Any, Sequence
 import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.models.model import ModelInfo
-from mlflow.utils.environment import _mlflow_conda_env
 
 from mlflow_edge import cache
 from mlflow_edge.backends.onnxruntime import (
@@ -78,7 +77,7 @@ def get_default_pip_requirements() -> list[str]:
 
 
 def get_default_conda_env() -> dict[str, Any]:
-    return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements())
+    return _common.default_conda_env(get_default_pip_requirements())
 
 
 def validate_model_folder(model_path: str | os.PathLike) -> tuple[Path, list[Path]]:
@@ -216,8 +215,9 @@ def _tokenizer_config(folder: Path) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
-def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _ONNXModelWrapper:
-    """Called by ``mlflow.pyfunc.load_model`` with the path of ``model/``; ``model_config`` may set runtime settings."""
+def load_generator(path: str, model_config: dict[str, Any] | None = None) -> _ONNXModelWrapper:
+    """The text generator of a saved model (what pyfunc and mlflow-edge's server run), from the path of ``model/``;
+    ``model_config`` may set runtime settings."""
     og = require_genai()
     _common.refuse_undeclared_params(__name__)
     conf = _common.flavor_conf(Path(path).parent, FLAVOR_NAME)
@@ -231,3 +231,7 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _ONNX
                                     execution_provider=runtime.get("execution_provider", "cpu"))
     tokenizer = og.Tokenizer(runner.genai_model)
     return _ONNXModelWrapper(runner, tokenizer, list(tokenizer.eos_token_ids), Path(path))
+
+
+_load_pyfunc = load_generator
+"""MLflow's pyfunc loader hook (``mlflow.pyfunc.load_model`` calls it)."""

@@ -44,7 +44,6 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from mlflow.exceptions import MlflowException
 from mlflow.models.model import ModelInfo
-from mlflow.utils.environment import _mlflow_conda_env
 
 from mlflow_edge import cache
 from mlflow_edge.backends.openvino import (
@@ -76,7 +75,7 @@ def get_default_pip_requirements() -> list[str]:
 
 
 def get_default_conda_env() -> dict[str, Any]:
-    return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements())
+    return _common.default_conda_env(get_default_pip_requirements())
 
 
 def validate_ir(model_path: str | os.PathLike) -> Path:
@@ -194,8 +193,9 @@ def _eos_token_ids(folder: Path, tokenizer: Any) -> list[int]:
     return [int(i) for i in (ids if isinstance(ids, list) else [ids])]
 
 
-def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _common.LogitsModelWrapper:
-    """Called by ``mlflow.pyfunc.load_model`` with the path of ``model/``; ``model_config`` may set runtime settings."""
+def load_generator(path: str, model_config: dict[str, Any] | None = None) -> _common.LogitsModelWrapper:
+    """The text generator of a saved model (what pyfunc and mlflow-edge's server run), from the path of ``model/``;
+    ``model_config`` may set runtime settings."""
     from transformers import AutoTokenizer
 
     _common.refuse_undeclared_params(__name__)
@@ -212,3 +212,7 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> _comm
     )
     tokenizer = AutoTokenizer.from_pretrained(path)
     return _common.LogitsModelWrapper(runner, tokenizer, _eos_token_ids(Path(path), tokenizer))
+
+
+_load_pyfunc = load_generator
+"""MLflow's pyfunc loader hook (``mlflow.pyfunc.load_model`` calls it)."""

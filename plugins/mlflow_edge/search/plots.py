@@ -8,7 +8,6 @@ Units and directions come from the metric catalogue.
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,6 +18,8 @@ import plotly.graph_objects as go
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
+from mlflow_edge.backends import get_backend
+from mlflow_edge.backends.base import OptionSpec
 from mlflow_edge.metrics import BY_NAME
 
 FRONT_PLOTS: tuple[tuple[str, str], ...] = (("size_mb", "kld_mean"), ("size_mb", "decode_tok_s"))
@@ -34,35 +35,32 @@ READABLE: dict[str, tuple[str, str]] = {  # metric -> (name in a title, name on 
     "accuracy_retention": ("accuracy retention", "accuracy retention"),
 }
 UNITLESS = frozenset({"ratio", "-"})
-SKIPPED_OPTIONS = frozenset({"imatrix_chunks", "execution_provider"})
-PREFIXED_OPTIONS: dict[str, str] = {"group_size": "g", "q_group_size": "g", "block_size": "b", "ratio": "r"}
 INFEASIBLE_GREY = "#bdbdbd"
 CHAMPION_COLOUR = "#d62728"
 MPL_MARKERS = {"circle": "o", "star": "*"}
 
 
 def point_label(backend: str, precision: str, options: Mapping[str, Any]) -> str:
-    """Short readable label: backend, precision, then the options that tell trials apart (in their order)."""
-    words = [option_word(key, value) for key, value in options.items()]
+    """Short readable label: backend, precision, then the options that tell trials apart (in their order), each as
+    its backend's :class:`~mlflow_edge.backends.base.OptionSpec` says (``label``)."""
+    specs = option_specs(backend)
+    words = [option_word(key, value, specs.get(key)) for key, value in options.items()]
     return " ".join([backend, precision] + [word for word in words if word])
 
 
-def option_word(key: str, value: Any) -> str | None:
-    """One option as a label word, or None when it is unset, off, or calibration detail."""
-    if key.startswith("calib.") or key in SKIPPED_OPTIONS or value is None:
+def option_specs(backend: str) -> dict[str, OptionSpec]:
+    """The backend's options by name; none for a backend that is not registered or does not load here."""
+    try:
+        return {spec.name: spec for spec in get_backend(backend).option_specs()}
+    except Exception:  # a label is no reason to fail a report: the options then show as name=value
+        return {}
+
+
+def option_word(key: str, value: Any, spec: OptionSpec | None = None) -> str | None:
+    """One option as a label word, or None when it is unset, off, calibration detail or left out by its spec."""
+    if key.startswith("calib."):
         return None
-    if key == "is_symmetric":  # symmetric is the default: only the departure is worth a word
-        return None if value else "asym"
-    if isinstance(value, bool):
-        return key if value else None
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        value = f"{value:g}"
-    if not isinstance(value, (str, int)):
-        return None
-    prefix = PREFIXED_OPTIONS.get(key)
-    return f"{prefix}{value}" if prefix else f"{key}={value}"
+    return (spec or OptionSpec(key, object)).label_word(value)
 
 
 def write_front_plots(points: pd.DataFrame, out_dir: Path, title: str) -> list[Path]:

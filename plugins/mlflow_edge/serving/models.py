@@ -27,8 +27,8 @@ from mlflow.models import Model
 
 from mlflow_edge.backends import backend_names, get_backend
 from mlflow_edge.errors import EdgeError, first_line
-from mlflow_edge.flavors import METADATA_KEY
 from mlflow_edge.flavors._common import Completion, Request, TextGenerator
+from mlflow_edge.tags import METADATA_KEY
 
 PYFUNC = "python_function"
 
@@ -110,7 +110,7 @@ def _load_local(folder: Path) -> tuple[TextGenerator, dict[str, str]]:
     data = (folder / str(conf.get("data", ""))).resolve()
     if not data.is_relative_to(folder.resolve()) or not data.exists():
         raise EdgeError(f"the model data {conf.get('data')!r} is missing or outside {folder}")
-    generator = importlib.import_module(loader)._load_pyfunc(str(data), conf.get("model_config"))
+    generator = importlib.import_module(loader).load_generator(str(data), conf.get("model_config"))
     if not isinstance(generator, TextGenerator):
         raise EdgeError(f"{loader} does not give a text generator")
     provenance = (model.metadata or {}).get(METADATA_KEY) or {}

@@ -24,9 +24,9 @@ from mlflow_edge.errors import EdgeError, first_line
 from mlflow_edge.gates import parse_gates
 from mlflow_edge.runs import DEFAULT_EXPERIMENT, tracked_run
 from mlflow_edge.serving.metrics import Samples, model_labels, parse_scrape, window_figures
+from mlflow_edge.tags import GATES_TAG, ROLE_TAG
 
 BREACH_TAG = "mlflow_edge.monitor.breach"
-GATES_TAG = "mlflow_edge.gates"
 SERVED_AS = {"served.latency_ms_p50": "latency_ms_p50", "served.latency_ms_p95": "latency_ms_p95",
              "served.ttft_ms_p50": "ttft_ms", "served.decode_tok_s": "decode_tok_s"}
 """The served figures a promotion gate on the same conventions metric is checked against."""
@@ -111,7 +111,7 @@ def monitor(url: str, interval_s: float = 30.0, windows: int = 0, max_error_rate
     if not labels:
         raise EdgeError(f"{url} is not an mlflow-edge server (no mlflow_edge_model_info in its /metrics)")
     watch = Monitor(labels, max_error_rate)
-    tags = {"mlflow_edge.role": "monitor", "mlflow_edge.served_url": url,
+    tags = {ROLE_TAG: "monitor", "mlflow_edge.served_url": url,
             **{f"mlflow_edge.served.{key}": value for key, value in labels.items()}}
     model_id = getattr(watch.version, "model_id", None)
     with tracked_run(f"monitor-{labels.get('name')}-v{labels.get('version')}", experiment or DEFAULT_EXPERIMENT,

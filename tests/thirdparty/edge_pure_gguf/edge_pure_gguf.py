@@ -16,6 +16,7 @@ PRECISIONS = ("Q4_0", "Q5_0", "Q8_0")
 
 class PureGGUFBackend(LlamaCppBackend):
     name: ClassVar[str] = "pure_gguf"
+    format: ClassVar[str] = "pure_gguf"  # GGUF files, under a format name of its own: one backend per format
     targets: ClassVar[Mapping[str, str]] = {"cpu": "secondary"}
     sweep_types: ClassVar[tuple[str, ...]] = PRECISIONS
 
