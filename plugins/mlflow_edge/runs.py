@@ -211,6 +211,9 @@ def evaluate_reference(evaluator: "Evaluator", target: str, study: str) -> dict[
         dtype = evaluator.reference_dtype
         progress(f"measuring the reference ({evaluator.source.name}, transformers {dtype})")
         metrics = evaluator.evaluate_reference()
+        if evaluator.reference_reused:
+            progress("the reference was measured before on this machine with these settings: taken from the cache")
+            mlflow.set_tag(REFERENCE_REUSED_TAG, "true")
         mlflow.log_params({"backend": "transformers", "format": "safetensors",
                            "precision": _PRECISION.get(dtype, dtype), "target": target,
                            "source": evaluator.source.name, "source.sha256": evaluator.source.sha256,

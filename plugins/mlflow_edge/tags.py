@@ -34,3 +34,6 @@ ACCURACY_FROM_TAG = "mlflow_edge.accuracy_from"
 """On a run whose accuracy was not measured again: the run it was measured in."""
 OWNER_TAG = "mlflow_edge.owner"
 """``<host>:<pid>-<start time>`` of the process that runs the run (:func:`mlflow_edge.procs.owner_tag`)."""
+REFERENCE_REUSED_TAG = "mlflow_edge.reference_reused"
+"""On a reference run: its metrics are the measurement an earlier study made on this machine with the same settings
+(the reference is timed once per machine)."""

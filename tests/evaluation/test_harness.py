@@ -161,3 +161,29 @@ def test_artifact_round_trips_through_json(evaluated):
     _, _, quantized, _ = evaluated
     artifact = quantized["Q2_K"]
     assert Artifact.from_json(artifact.to_json()) == artifact
+
+
+def test_the_reference_is_measured_once_per_machine_and_settings(tiny_source, tmp_path, monkeypatch):
+    """A second study of the same source, text and settings takes the reference's measurement from the cache (no
+    child process); other timing settings, or lost log-probabilities, measure it again."""
+    monkeypatch.setenv("MLFLOW_EDGE_CACHE", str(tmp_path / "cache"))
+    settings = EvalSettings(window=64, windows=2, threads=1, repeats=1, prefill_tokens=64, prompt_tokens=16,
+                            decode_tokens=4)
+    first = Evaluator(tiny_source, settings)
+    measured = first.evaluate_reference()
+    assert not first.reference_reused
+    children = []
+    monkeypatch.setattr(Evaluator, "_run_child", lambda self, job: children.append(job) or pytest.fail("measured"))
+    again = Evaluator(tiny_source, settings)
+    assert again.evaluate_reference() == measured and again.reference_reused and children == []
+    monkeypatch.undo()
+    monkeypatch.setenv("MLFLOW_EDGE_CACHE", str(tmp_path / "cache"))
+    other = Evaluator(tiny_source, dataclasses.replace(settings, repeats=2))
+    other.evaluate_reference()
+    assert not other.reference_reused
+    (first.reference_dir / "logprobs.npy").unlink()
+    lost = Evaluator(tiny_source, settings)
+    lost.evaluate_reference()
+    assert not lost.reference_reused and (lost.reference_dir / "logprobs.npy").is_file()
+    for evaluator in (first, again, other, lost):
+        evaluator.close()

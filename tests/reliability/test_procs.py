@@ -128,6 +128,7 @@ def test_tool_names() -> None:
 def test_the_evaluation_worker_is_held_to_the_limit(tiny_source, tiny_settings, monkeypatch, tmp_path) -> None:
     from mlflow_edge.evaluation.harness import Evaluator
 
+    monkeypatch.setenv("MLFLOW_EDGE_CACHE", str(tmp_path / "cache"))  # no earlier measurement to take instead
     evaluator = Evaluator(tiny_source, tiny_settings, workdir=tmp_path / "eval")
     monkeypatch.setenv(procs.TIMEOUT_ENV, "0.5")
     with pytest.raises(EdgeError, match=r"^mlflow_edge\.evaluation\.worker did not finish within 0\.5 s"):

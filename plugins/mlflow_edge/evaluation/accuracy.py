@@ -18,6 +18,8 @@ import numpy as np
 
 BOOTSTRAP_RESAMPLES = 2000
 DEFAULT_CONFIDENCE = 0.95
+REFERENCE_FILES = ("logprobs.npy", "argmax.npy")
+"""The reference's scored log-probabilities and top-1 ids, in its cache folder (:class:`ReferenceLogprobs`)."""
 
 
 def scored_positions(window: int) -> slice:

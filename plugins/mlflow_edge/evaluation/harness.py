@@ -23,7 +23,7 @@ import numpy as np
 from mlflow_edge import cache, procs
 from mlflow_edge.backends.base import Artifact
 from mlflow_edge.errors import EdgeError
-from mlflow_edge.evaluation.accuracy import DEFAULT_CONFIDENCE
+from mlflow_edge.evaluation.accuracy import DEFAULT_CONFIDENCE, REFERENCE_FILES
 from mlflow_edge.evaluation.data import TextSlice, evaluation_text
 from mlflow_edge.metrics import ACCURACY_SIZE_METRICS, BOUNDS
 from mlflow_edge.plan import REFERENCE_DTYPES, reference_dtype, source_facts
@@ -130,6 +130,8 @@ class Evaluator:
                **({"dtype": self.reference_dtype} if self.reference_dtype != "float32" else {})}
         self._reference_dir = cache.cache_root() / "reference" / cache.key_digest(key)
         self.reference_metrics: dict[str, float] | None = None
+        self.reference_reused = False
+        """Whether :meth:`evaluate_reference` took an earlier measurement on this machine instead of measuring."""
         self._base_decode: dict[str, float] = {}
 
     def _tokenize(self) -> tuple[np.ndarray, np.ndarray]:
@@ -152,14 +154,23 @@ class Evaluator:
         return self._reference_dir
 
     def evaluate_reference(self) -> dict[str, float]:
-        """Measure the source model itself; its metrics are the baseline of every ratio."""
-        cache.subfolder("reference", self._reference_dir.name)
-        measured = self._run_child({
-            "kind": REFERENCE,
-            "source_path": str(self.source.path),
-            "reference_dtype": self.reference_dtype,
-            "save_reference": str(self._reference_dir),
-        })
+        """Measure the source model itself; its metrics are the baseline of every ratio. The measurement is made once
+        per machine and settings: a later study of the same source, text and settings on this machine takes it from
+        the cache (:attr:`reference_reused`), its scored log-probabilities with it."""
+        folder = cache.subfolder("reference", self._reference_dir.name)
+        recorded = folder / f"metrics-{self._measurement_key()}.json"
+        measured = self._recorded_reference(recorded)
+        self.reference_reused = measured is not None
+        if measured is None:
+            measured = self._run_child({
+                "kind": REFERENCE,
+                "source_path": str(self.source.path),
+                "reference_dtype": self.reference_dtype,
+                "save_reference": str(self._reference_dir),
+            })
+            partial = recorded.with_suffix(".partial")
+            partial.write_text(json.dumps(measured, sort_keys=True))
+            os.replace(partial, recorded)
         size_bytes = sum(f.stat().st_size for f in self.source.path.glob("*.safetensors"))
         metrics = {**measured, **_size_metrics(size_bytes, self.source.num_parameters)}
         metrics.update(kld_mean=0.0, kld_p99=0.0, top1_agreement=1.0, kld_mean_lo=0.0, kld_mean_hi=0.0,
@@ -169,6 +180,35 @@ class Evaluator:
             metrics["speedup_vs_base"] = 1.0  # the reference is its own unquantized base
         self.reference_metrics = metrics
         return self._measured(metrics)
+
+    def _measurement_key(self) -> str:
+        """What the reference's timed and scored runs depend on besides its cache folder: this machine, the runtime's
+        versions and every setting the worker reads."""
+        from importlib.metadata import version
+
+        from mlflow_edge.targets import hardware_fingerprint
+
+        s = self.settings
+        return cache.key_digest({
+            "hardware": hardware_fingerprint(), "torch": version("torch"), "transformers": version("transformers"),
+            "speed": s.speed, "threads": s.threads, "repeats": s.repeats, "prefill_tokens": s.prefill_tokens,
+            "prompt_tokens": s.prompt_tokens, "decode_tokens": s.decode_tokens, "context_tokens": s.context_tokens,
+            "confidence": s.confidence, "prompt": self.settings.text.sha256})
+
+    def _recorded_reference(self, recorded: Path) -> dict[str, float] | None:
+        """The reference's metrics measured earlier with these settings, where both they and the scored
+        log-probabilities are on disk (a run stopped before either was written left nothing that is trusted)."""
+        if not recorded.is_file() or not self.reference_complete():
+            return None
+        try:
+            return {k: float(v) for k, v in json.loads(recorded.read_text()).items()}
+        except (ValueError, TypeError, AttributeError):
+            return None
+
+    def reference_complete(self) -> bool:
+        """Whether the reference's scored log-probabilities are on disk (:data:`~mlflow_edge.evaluation.accuracy.
+        REFERENCE_FILES`)."""
+        return all((self._reference_dir / name).is_file() for name in REFERENCE_FILES)
 
     def accuracy_key(self) -> str:
         """What makes two accuracy measurements of one artifact the same: the source, the text, the windows and the

@@ -18,9 +18,9 @@ import numpy as np
 
 from mlflow_edge.backends.base import Artifact, Runner
 from mlflow_edge.errors import EdgeError
-from mlflow_edge.evaluation.accuracy import DEFAULT_CONFIDENCE, AccuracyAccumulator, ReferenceLogprobs
+from mlflow_edge.evaluation.accuracy import DEFAULT_CONFIDENCE, REFERENCE_FILES, AccuracyAccumulator, ReferenceLogprobs
 
-_REF_LOGPROBS, _REF_ARGMAX = "logprobs.npy", "argmax.npy"
+_REF_LOGPROBS, _REF_ARGMAX = REFERENCE_FILES
 
 
 def _peak_rss_mb() -> float:
