@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 FAST = ["--window", "64", "--windows", "2", "--repeats", "2", "--threads", "1"]
@@ -19,3 +20,11 @@ def start(args: list[str], log: Path, env: dict[str, str], cwd: Path) -> subproc
     """``mlflow-edge args…`` in the background, its output in ``log``."""
     return subprocess.Popen(cli(*args), env=env, cwd=cwd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
+
+
+def wait_for_text(log: Path, text: str, process: subprocess.Popen, limit_s: float = 300) -> None:
+    """Return once ``text`` is in ``log``; fail with the log's tail if ``process`` ends or ``limit_s`` passes first."""
+    deadline = time.monotonic() + limit_s
+    while text not in log.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)

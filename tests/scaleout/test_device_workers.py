@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from pathlib import Path
 
 import mlflow
 import optuna
@@ -17,17 +16,10 @@ from optuna.trial import TrialState
 from mlflow_edge.errors import EdgeError
 from mlflow_edge.search.workers import COORDINATION_ATTR, run_worker
 from mlflow_edge.targets import is_measurable
-from tests.scaleout.processes import FAST, cli, start
+from tests.scaleout.processes import FAST, cli, start, wait_for_text
 
 pytestmark = pytest.mark.slow
 
-
-
-def _wait_for_text(log: Path, text: str, process: subprocess.Popen, limit_s: float = 300) -> None:
-    deadline = time.monotonic() + limit_s
-    while text not in log.read_text():
-        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +34,7 @@ def device_study(postgres, tracking_server, tiny_source, tmp_path_factory):
     coordinator = start(["search", *common, "--coordinate-only", "--backends", "llamacpp", "--trials", "2",
                           "--gates", "accuracy_retention>=0.5", "--screen-windows", "0", "--registered-model",
                           "device-edge", *FAST], folder / "coordinator.log", env, folder)
-    _wait_for_text(folder / "coordinator.log", "no worker for target 'cpu' has joined yet", coordinator)
+    wait_for_text(folder / "coordinator.log", "no worker for target 'cpu' has joined yet", coordinator)
     worker = start(["search", "--worker", *common, "--target", "cpu"], folder / "worker.log", env, folder)
     codes = [p.wait(timeout=600) for p in (coordinator, worker)]
     logs = {p.stem: p.read_text() for p in folder.glob("*.log")}

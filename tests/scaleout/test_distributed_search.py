@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from mlflow_edge.search.space import counts_as_measured
-from tests.scaleout.processes import FAST, cli, start
+from tests.scaleout.processes import FAST, cli, start, wait_for_text
 
 pytestmark = pytest.mark.slow
 
@@ -38,14 +38,18 @@ def _running_trial_of(study: optuna.Study, pid: int) -> optuna.trial.FrozenTrial
 def distributed(postgres, tracking_server, tiny_source, tmp_path_factory):
     folder = tmp_path_factory.mktemp("distributed")
     storage = postgres.database("optuna_distributed")
+    # a cache of its own: with the session's (the reference's metrics and the trials' artifacts already built by
+    # other tests) the coordinator can measure the whole budget before a worker has loaded the source
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_server, "MLFLOW_REGISTRY_URI": tracking_server,
-           "MLFLOW_EDGE_TRIAL_HEARTBEAT": "2"}
+           "MLFLOW_EDGE_TRIAL_HEARTBEAT": "2", "MLFLOW_EDGE_CACHE": str(folder / "cache")}
     env.pop("MLFLOW_EXPERIMENT_ID", None)
     common = ["--model", str(tiny_source.path), "--storage", storage, "--study-name", STUDY]
+    workers = [start(["search", "--worker", *common], folder / f"worker{i}.log", env, folder) for i in (1, 2)]
+    for i, worker in enumerate(workers, 1):  # both wait for the study before the coordinator creates it
+        wait_for_text(folder / f"worker{i}.log", "waiting for a coordinator", worker)
     coordinator = start(["search", *common, "--backends", "llamacpp", "--trials", str(BUDGET), "--gates",
                           "accuracy_retention>=0.5", "--screen-windows", "0", "--registered-model", MODEL_NAME,
                           "--experiment", EXPERIMENT, *FAST], folder / "coordinator.log", env, folder)
-    workers = [start(["search", "--worker", *common], folder / f"worker{i}.log", env, folder) for i in (1, 2)]
     victim, killed = workers[0], None
     deadline = time.monotonic() + 600
     watcher = optuna.storages.RDBStorage(storage)  # one connection pool for the whole watch
