@@ -33,7 +33,7 @@ def _log_in_new_store(root: Path, artifact: Artifact, **kwargs: Any) -> Logged:
     os.chdir(root)  # the default artifact root is ./mlruns
     try:
         mlflow.set_tracking_uri(uri)
-        with mlflow.start_run():
+        with mlflow.start_run(experiment_id="0"):  # not the experiment an earlier test made active in its store
             info = flavors.log_artifact_model(artifact, name="model", **kwargs)
         model = mlflow.pyfunc.load_model(info.model_uri)
     finally:
