@@ -201,8 +201,8 @@ CHILD_STARTS = {
     "python_bare": "pass",
     "import_llama_cpp": "import llama_cpp",
     "import_worker": "import mlflow_edge.evaluation.worker",
-    # what `python -m mlflow_edge.backends.llamacpp` imports before llama_model_quantize runs
-    "quantize_child_imports": "import mlflow_edge.backends.llamacpp, llama_cpp",
+    # what `python -m mlflow_edge.backends.llamacpp.worker` imports before llama_model_quantize runs
+    "quantize_child_imports": "import mlflow_edge.backends.llamacpp.worker, llama_cpp",
     # what `python -m mlflow_edge.evaluation.worker` imports before the model loads
     "worker_child_imports": "import mlflow_edge.evaluation.worker; from mlflow_edge.backends import get_backend; "
                             "get_backend('llamacpp'); import llama_cpp",

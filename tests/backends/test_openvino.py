@@ -23,16 +23,8 @@ import pytest
 from mlflow_edge import artifacts
 from mlflow_edge.backends import get_backend
 from mlflow_edge.backends.base import Artifact
-from mlflow_edge.backends.openvino import (
-    MODEL_BIN,
-    MODEL_XML,
-    OpenVINOBackend,
-    OpenVINORunner,
-    _calibration_samples,
-    _inverse_perplexity,
-    _token_ids,
-    compress_modes,
-)
+from mlflow_edge.backends.openvino import MODEL_BIN, MODEL_XML, OpenVINOBackend, OpenVINORunner, compress_modes
+from mlflow_edge.backends.openvino.calibration import calibration_samples, inverse_perplexity, token_ids
 from mlflow_edge.errors import EdgeError
 from mlflow_edge.evaluation.accuracy import log_softmax
 from mlflow_edge.evaluation.data import calibration_text, evaluation_text
@@ -70,7 +62,7 @@ def validation_metric(artifact: Artifact, windows: list[dict[str, np.ndarray]]) 
     the IR compiled for the CPU with f32 inference (what ``OVPreparedModel`` does), whatever this CPU's default is."""
     core = ov.Core()
     compiled = core.compile_model(core.read_model(str(artifact.files[0])), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    return _inverse_perplexity(compiled, windows)[0]
+    return inverse_perplexity(compiled, windows)[0]
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:
@@ -290,8 +282,8 @@ def test_accuracy_control_reverts_quantizers(backend: OpenVINOBackend, f32: Arti
     # 1/perplexity by a few 1e-4 of itself, down with VNNI kernels and up with AVX2's: NNCF reverts quantizers only
     # where it went down, and then until no drop is left.
     model = ov.Core().read_model(str(f32.files[0]))
-    token_ids = _token_ids(calibration_text(), tiny_source.path)
-    samples = _calibration_samples(model, token_ids, options["calibration_tokens"])
+    ids = token_ids(calibration_text(), tiny_source.path)
+    samples = calibration_samples(model, ids, options["calibration_tokens"])
     windows = samples[-controlled.options["validation_samples"]:]
     reference, quantized = validation_metric(f32, windows), validation_metric(ptq, windows)
     before, after = op_count(ptq.files[0], "FakeQuantize"), op_count(controlled.files[0], "FakeQuantize")
