@@ -13,7 +13,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
-from mlflow_edge import artifacts, flavors
+from mlflow_edge import artifacts, cache, flavors
 from mlflow_edge.backends.base import Artifact
 from mlflow_edge.backends.mlx import MLXBackend, MLXRunner
 from mlflow_edge.errors import EdgeError
@@ -77,7 +77,7 @@ def test_save_model_writes_flavor_folder_code_and_environment(q4: Artifact, tmp_
     model = Model.load(str(path))
     conf = model.flavors[mlx_flavor.FLAVOR_NAME]
     assert conf["data"] == "model" and conf["model_files"] == ["model.safetensors"] and conf["code"] == "code"
-    assert conf["model_sha256"] == {"model.safetensors": mlx_flavor.cache.sha256_file(q4.path / "model.safetensors")}
+    assert conf["model_sha256"] == {"model.safetensors": cache.sha256_file(q4.path / "model.safetensors")}
     assert conf["max_context"] == 1024 and conf["adapter"] is None
     assert conf["mlx_version"] == "0.32.4" and conf["mlx_lm_version"] == "0.31.3"
     assert model.metadata == {"mlflow_edge": {**PROVENANCE["mlflow_edge"], "shape": [1, 2]}}

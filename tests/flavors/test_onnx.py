@@ -17,7 +17,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
-from mlflow_edge import artifacts, flavors
+from mlflow_edge import artifacts, cache, flavors
 from mlflow_edge.backends.base import Artifact
 from mlflow_edge.backends.onnxruntime import MODEL_FILE, ONNXRuntimeBackend, ONNXRuntimeGenAIRunner
 from mlflow_edge.errors import EdgeError
@@ -56,7 +56,7 @@ def test_save_model_writes_flavor_files_code_and_environment(int4: Artifact, tmp
     conf = model.flavors[onnx_flavor.FLAVOR_NAME]
     assert "onnx" not in model.flavors  # MLflow's own onnx flavor reads one .onnx file, not this folder
     assert conf["data"] == "model" and conf["model_files"] == [MODEL_FILE, DATA] and conf["code"] == "code"
-    sha256 = onnx_flavor.cache.sha256_file
+    sha256 = cache.sha256_file
     assert conf["model_sha256"] == {name: sha256(int4.path / name) for name in (MODEL_FILE, DATA)}
     assert (conf["max_context"], conf["execution_provider"], conf["threads"]) == (512, "cpu", 2)
     assert conf["onnxruntime_genai_version"] == og.__version__

@@ -13,7 +13,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
-from mlflow_edge import flavors, workflow
+from mlflow_edge import cache, flavors, workflow
 from mlflow_edge.backends.base import Artifact
 from mlflow_edge.backends.openvino import MODEL_BIN, MODEL_XML, OpenVINOBackend, OpenVINORunner
 from mlflow_edge.errors import EdgeError
@@ -46,7 +46,7 @@ def test_save_model_writes_flavor_ir_tokenizer_code_and_environment(ir: Artifact
     model = Model.load(str(path))
     conf = model.flavors[ov_flavor.FLAVOR_NAME]
     assert conf["data"] == "model" and conf["model_files"] == [MODEL_XML, MODEL_BIN] and conf["code"] == "code"
-    assert conf["model_sha256"] == {name: ov_flavor.cache.sha256_file(ir.path / name)
+    assert conf["model_sha256"] == {name: cache.sha256_file(ir.path / name)
                                     for name in (MODEL_XML, MODEL_BIN)}
     assert conf["max_context"] == 1024 and conf["device"] == "CPU" and conf["performance_hint"] == "THROUGHPUT"
     assert conf["threads"] == 0 and conf["inference_precision"] is None

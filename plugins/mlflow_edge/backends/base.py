@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import json
 import math
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -111,6 +112,55 @@ class Runner(Protocol):
         """Free the runtime; harmless twice, and every later call raises :class:`EdgeError` (never crashes)."""
         ...
 
+
+
+class SequenceRunner:
+    """A :class:`Runner` built on a runtime's two steps on one sequence: ``reset()`` starts a fresh one and
+    ``forward(tokens)`` appends ``tokens``, returning their logits ``[len(tokens), vocab]``. A subclass sets
+    ``_n_ctx`` and may give cheaper steps for a prompt that needs no logits (``append``) and for one greedy step
+    (``next_token``)."""
+
+    _n_ctx: int
+
+    @property
+    def context_tokens(self) -> int:
+        return self._n_ctx
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def forward(self, tokens: Sequence[int]) -> np.ndarray:
+        raise NotImplementedError
+
+    def append(self, tokens: Sequence[int]) -> None:
+        """Append ``tokens`` without reading their logits."""
+        self.forward(tokens)
+
+    def next_token(self, tokens: Sequence[int]) -> int:
+        """Append ``tokens``; the argmax of the last position's logits."""
+        return int(np.argmax(self.forward(tokens)[-1]))
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        self.reset()
+        return np.array(self.forward(tokens), dtype=np.float32)  # a copy: a runtime may reuse its buffer
+
+    def prefill(self, tokens: Sequence[int]) -> float:
+        self.reset()
+        start = time.perf_counter()
+        self.append(tokens)
+        return time.perf_counter() - start
+
+    def generate(self, tokens: Sequence[int], max_new_tokens: int) -> Generation:
+        length = len(tokens) + max_new_tokens - 1
+        if length > self._n_ctx:
+            raise EdgeError(f"sequence of {length} tokens exceeds the context of {self._n_ctx}")
+        self.reset()
+        start = time.perf_counter()
+        token = self.next_token(tokens)
+        ttft = time.perf_counter() - start
+        for _ in range(max_new_tokens - 1):
+            token = self.next_token([token])
+        return Generation(len(tokens), max_new_tokens, ttft, time.perf_counter() - start)
 
 @dataclasses.dataclass(frozen=True)
 class OptionSpec:

@@ -637,6 +637,47 @@ def flavor_conf(model_dir: str | os.PathLike, flavor_name: str) -> dict[str, Any
     return conf
 
 
+def copy_model_folder(target: Path, data: str, files: Sequence[Path], model_names: Sequence[str]) -> dict[str, Any]:
+    """``files`` copied into the new folder ``target/data``; the flavor config naming it, its model files
+    (``model_names``) and their SHA-256s (checked at load by :func:`check_model_files`)."""
+    model_dir = target / data
+    model_dir.mkdir()
+    for file in files:
+        shutil.copyfile(file, model_dir / file.name)
+    return folder_conf(model_dir, data, model_names)
+
+
+def folder_conf(model_dir: Path, data: str, model_names: Sequence[str]) -> dict[str, Any]:
+    """The flavor config of the model folder ``data`` (at ``model_dir``): its model files and their SHA-256s."""
+    return {"data": data, "model_files": list(model_names),
+            "model_sha256": {name: cache.sha256_file(model_dir / name) for name in model_names}}
+
+
+def runtime_settings(settings: Mapping[str, Any], **parsers: Callable[[str, Any], Any]) -> dict[str, Any]:
+    """``settings`` checked, those that are ``None`` left out: each key by its parser in ``parsers``, the others
+    (``max_context``, ``threads``) by :func:`runtime_count`."""
+    return {key: parsers.get(key, runtime_count)(key, value) for key, value in settings.items() if value is not None}
+
+
+def runtime_choice(choices: Sequence[str], normalize: Callable[[str], str]) -> Callable[[str, Any], str]:
+    """A parser for :func:`runtime_settings`: the setting normalized (``str.upper`` …), one of ``choices``."""
+    def parse(key: str, value: Any) -> str:
+        text = normalize(str(value))
+        if text not in choices:
+            raise MlflowException.invalid_parameter_value(f"{key} must be one of {', '.join(choices)}, got {value}")
+        return text
+    return parse
+
+
+def runtime_count(key: str, value: Any) -> int:
+    """A runtime setting that counts (``max_context`` from 1, ``threads`` from 0: the runtime's default) as an
+    integer; anything less is MLflow's invalid-parameter error."""
+    count = int(value)
+    if count < (1 if key == "max_context" else 0):
+        raise MlflowException.invalid_parameter_value(f"{key} must be positive, got {value}")
+    return count
+
+
 def check_model_files(folder: str | os.PathLike, recorded: Mapping[str, str] | None) -> None:
     """The model files in ``folder`` named by ``recorded`` (relative path → the sha256 the flavor config recorded when
     the model was saved) must still have that hash: a truncated or altered file is a one-line error before a runtime

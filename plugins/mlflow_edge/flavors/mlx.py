@@ -45,7 +45,6 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from mlflow.models.model import ModelInfo
 
-from mlflow_edge import cache
 from mlflow_edge.backends.mlx import (
     ADAPTER_CONFIG,
     ADAPTER_DIR,
@@ -122,8 +121,7 @@ def save_model(model_path: str | os.PathLike, path: str | os.PathLike, *, max_co
         model_dir = target / _MODEL_DIR
         _copy_folder(folder, model_dir, Path(adapter_path) if adapter_path is not None else None)
         files = [str(file.relative_to(model_dir)) for file in model_files(model_dir)]
-        return {"data": _MODEL_DIR, "model_files": files,
-                "model_sha256": {name: cache.sha256_file(model_dir / name) for name in files},
+        return {**_common.folder_conf(model_dir, _MODEL_DIR, files),
                 "adapter": ADAPTER_DIR if (model_dir / ADAPTER_DIR).is_dir() else None,
                 "max_context": int(max_context), **versions}
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -47,7 +46,6 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.models.model import ModelInfo
 
-from mlflow_edge import cache
 from mlflow_edge.backends.onnxruntime import (
     EXECUTION_PROVIDERS,
     QUANTIZATION_RECORD,
@@ -115,34 +113,17 @@ def save_model(model_path: str | os.PathLike, path: str | os.PathLike, *, max_co
     extra = [folder / QUANTIZATION_RECORD] if (folder / QUANTIZATION_RECORD).is_file() else []
 
     def write_files(target: Path) -> dict[str, Any]:
-        model_dir = target / _MODEL_DIR
-        model_dir.mkdir()
-        for file in [*files, *companion_files(folder), *extra]:
-            shutil.copyfile(file, model_dir / file.name)
-        names = [file.name for file in files]
-        return {"data": _MODEL_DIR, "model_files": names,
-                "model_sha256": {name: cache.sha256_file(model_dir / name) for name in names},
-                "onnxruntime_genai_version": genai_version, **runtime}
+        conf = _common.copy_model_folder(target, _MODEL_DIR, [*files, *companion_files(folder), *extra],
+                                         [file.name for file in files])
+        return {**conf, "onnxruntime_genai_version": genai_version, **runtime}
 
     _common.save_model(path, sys.modules[__name__], write_files, model_config=dict(runtime), **kwargs)
 
 
 def _runtime_config(**settings: Any) -> dict[str, Any]:
     """Runtime settings, checked: ``max_context`` and ``threads`` integers, ``execution_provider`` known."""
-    config: dict[str, Any] = {}
-    for key, value in settings.items():
-        if value is None:
-            continue
-        if key in ("max_context", "threads"):
-            config[key] = int(value)
-            if config[key] < (1 if key == "max_context" else 0):
-                raise MlflowException.invalid_parameter_value(f"{key} must be positive, got {value}")
-        else:
-            config[key] = str(value).strip().lower()
-            if config[key] not in EXECUTION_PROVIDERS:
-                raise MlflowException.invalid_parameter_value(
-                    f"execution_provider must be one of {', '.join(EXECUTION_PROVIDERS)}, got {value}")
-    return config
+    return _common.runtime_settings(settings, execution_provider=_common.runtime_choice(
+        EXECUTION_PROVIDERS, lambda text: text.strip().lower()))
 
 
 def log_model(model_path: str | os.PathLike, name: str | None = None, **kwargs: Any) -> ModelInfo:

@@ -37,15 +37,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from mlflow.exceptions import MlflowException
 from mlflow.models.model import ModelInfo
 
-from mlflow_edge import cache
 from mlflow_edge.backends.openvino import (
     MODEL_BIN,
     MODEL_XML,
@@ -115,37 +112,19 @@ def save_model(model_path: str | os.PathLike, path: str | os.PathLike, *, max_co
     source_folder = validate_ir(model_path)
 
     def write_files(target: Path) -> dict[str, Any]:
-        model_dir = target / _MODEL_DIR
-        model_dir.mkdir()
-        for file in [source_folder / name for name in _MODEL_FILES] + companion_files(source_folder):
-            shutil.copyfile(file, model_dir / file.name)
-        return {"data": _MODEL_DIR, "model_files": list(_MODEL_FILES),
-                "model_sha256": {name: cache.sha256_file(model_dir / name) for name in _MODEL_FILES},
-                "openvino_version": openvino_version, **runtime}
+        files = [source_folder / name for name in _MODEL_FILES] + companion_files(source_folder)
+        conf = _common.copy_model_folder(target, _MODEL_DIR, files, _MODEL_FILES)
+        return {**conf, "openvino_version": openvino_version, **runtime}
 
     _common.save_model(path, sys.modules[__name__], write_files, model_config=dict(runtime), **kwargs)
 
 
 def _runtime_config(**settings: Any) -> dict[str, Any]:
-    """Runtime settings, checked: ``max_context`` and ``threads`` integers, ``performance_hint`` known."""
-    config: dict[str, Any] = {}
-    for key, value in settings.items():
-        if value is None:
-            continue
-        if key in ("max_context", "threads"):
-            config[key] = int(value)
-            if config[key] < (1 if key == "max_context" else 0):
-                raise MlflowException.invalid_parameter_value(f"{key} must be positive, got {value}")
-        elif key == "performance_hint":
-            config[key] = str(value).upper()
-            if config[key] not in PERFORMANCE_HINTS:
-                raise MlflowException.invalid_parameter_value(
-                    f"performance_hint must be one of {', '.join(PERFORMANCE_HINTS)}, got {value}")
-        elif key == "device":
-            config[key] = str(value).upper()
-        else:
-            config[key] = str(value).lower()
-    return config
+    """Runtime settings, checked: ``max_context`` and ``threads`` integers, ``performance_hint`` known; ``device``
+    upper case and ``inference_precision`` lower case, as OpenVINO names them."""
+    return _common.runtime_settings(settings, performance_hint=_common.runtime_choice(PERFORMANCE_HINTS, str.upper),
+                                    device=lambda _, value: str(value).upper(),
+                                    inference_precision=lambda _, value: str(value).lower())
 
 
 def log_model(model_path: str | os.PathLike, name: str | None = None, **kwargs: Any) -> ModelInfo:

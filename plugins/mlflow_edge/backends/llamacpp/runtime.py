@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from mlflow_edge.backends.base import Generation
+from mlflow_edge.backends.base import SequenceRunner
 from mlflow_edge.backends.llamacpp.ggml import require_llama_cpp
 from mlflow_edge.errors import EdgeError
 
 
-class LlamaCppRunner:
+class LlamaCppRunner(SequenceRunner):
     """A GGUF model on llama.cpp's C API: one sequence, logits per position, greedy generation."""
 
     def __init__(self, path: Path, threads: int, context_tokens: int) -> None:
@@ -36,13 +35,17 @@ class LlamaCppRunner:
         self._n_vocab = self._llm.n_vocab()
         self._n_ctx = context_tokens
         self._batch = llama_cpp.llama_batch_init(context_tokens, 0, 1)
+        self._position = 0
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
+        """Start a fresh sequence."""
         if self._llm is None:  # the context is freed: using it would crash the process
             raise EdgeError("this llama.cpp runner is closed")
         self._lib.llama_memory_clear(self._lib.llama_get_memory(self._ctx), True)
+        self._position = 0
 
-    def _decode(self, tokens: Sequence[int], start: int, all_logits: bool) -> None:
+    def _decode(self, tokens: Sequence[int], all_logits: bool) -> None:
+        start = self._position
         if start + len(tokens) > self._n_ctx:
             raise EdgeError(f"sequence of {start + len(tokens)} tokens exceeds the context of {self._n_ctx}")
         batch = self._batch
@@ -56,36 +59,20 @@ class LlamaCppRunner:
         rc = self._lib.llama_decode(self._ctx, batch)
         if rc != 0:
             raise EdgeError(f"llama_decode failed with code {rc}")
+        self._position = start + len(tokens)
 
-    def _last_argmax(self) -> int:
+    def forward(self, tokens: Sequence[int]) -> np.ndarray:
+        """Append ``tokens`` to the sequence; their logits ``[len(tokens), vocab]``, valid until the next call."""
+        self._decode(tokens, all_logits=True)
+        return np.ctypeslib.as_array(self._lib.llama_get_logits(self._ctx), shape=(len(tokens), self._n_vocab))
+
+    def append(self, tokens: Sequence[int]) -> None:
+        self._decode(tokens, all_logits=False)
+
+    def next_token(self, tokens: Sequence[int]) -> int:
+        self._decode(tokens, all_logits=False)
         row = self._lib.llama_get_logits_ith(self._ctx, -1)
         return int(np.argmax(np.ctypeslib.as_array(row, shape=(self._n_vocab,))))
-
-    def logits(self, tokens: Sequence[int]) -> np.ndarray:
-        self._reset()
-        self._decode(tokens, 0, all_logits=True)
-        data = self._lib.llama_get_logits(self._ctx)
-        return np.ctypeslib.as_array(data, shape=(len(tokens), self._n_vocab)).copy()
-
-    def prefill(self, tokens: Sequence[int]) -> float:
-        self._reset()
-        start = time.perf_counter()
-        self._decode(tokens, 0, all_logits=False)
-        return time.perf_counter() - start
-
-    def generate(self, tokens: Sequence[int], max_new_tokens: int) -> Generation:
-        self._reset()
-        start = time.perf_counter()
-        self._decode(tokens, 0, all_logits=False)
-        token = self._last_argmax()
-        ttft = time.perf_counter() - start
-        position = len(tokens)
-        for _ in range(max_new_tokens - 1):
-            self._decode([token], position, all_logits=False)
-            position += 1
-            token = self._last_argmax()
-        total = time.perf_counter() - start
-        return Generation(len(tokens), max_new_tokens, ttft, total)
 
     def close(self) -> None:
         if getattr(self, "_batch", None) is not None:

@@ -5,13 +5,12 @@ greedy decoding that reuses the KV cache)."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from mlflow_edge.backends.base import Generation
+from mlflow_edge.backends.base import SequenceRunner
 from mlflow_edge.backends.onnxruntime.folder import GENAI_CONFIG, MODEL_FILE, genai_config, model_folder, read_graph
 from mlflow_edge.backends.onnxruntime.framework import check_execution_provider, require_genai
 from mlflow_edge.errors import EdgeError, first_line
@@ -35,7 +34,7 @@ def genai_model(folder: Path, threads: int, execution_provider: str = "cpu") -> 
         raise EdgeError(f"ONNX Runtime GenAI cannot load {folder}: {first_line(exc)}") from exc
 
 
-class ONNXRuntimeGenAIRunner:
+class ONNXRuntimeGenAIRunner(SequenceRunner):
     """A GenAI model folder on ``onnxruntime_genai``: one sequence, logits per position, greedy generation.
 
     ``reset()`` starts a fresh sequence and ``forward(tokens)`` appends ``tokens`` to it, returning their logits (the
@@ -61,10 +60,6 @@ class ONNXRuntimeGenAIRunner:
             raise EdgeError(f"ONNX Runtime GenAI cannot run {folder}: {first_line(exc)}") from exc
         self._n_ctx = int(context_tokens)
         self._position = 0
-
-    @property
-    def context_tokens(self) -> int:
-        return self._n_ctx
 
     @property
     def genai_model(self) -> Any:
@@ -104,32 +99,11 @@ class ONNXRuntimeGenAIRunner:
         generator = self._append(tokens)
         return generator.get_logits()[0] if len(tokens) == 1 else generator.get_output("logits")[0]
 
-    def logits(self, tokens: Sequence[int]) -> np.ndarray:
-        self.reset()
-        return np.asarray(self.forward(tokens), dtype=np.float32)
-
-    def prefill(self, tokens: Sequence[int]) -> float:
-        self.reset()
-        start = time.perf_counter()
+    def append(self, tokens: Sequence[int]) -> None:
         self._append(tokens)
-        return time.perf_counter() - start
 
-    def _next_token(self, tokens: Sequence[int]) -> int:
-        """Append ``tokens``; the argmax of the last position's logits."""
+    def next_token(self, tokens: Sequence[int]) -> int:
         return int(np.argmax(self._append(tokens).get_logits()[0, -1]))
-
-    def generate(self, tokens: Sequence[int], max_new_tokens: int) -> Generation:
-        if len(tokens) + max_new_tokens - 1 > self._n_ctx:
-            length = len(tokens) + max_new_tokens - 1
-            raise EdgeError(f"sequence of {length} tokens exceeds the context of {self._n_ctx}")
-        self.reset()
-        start = time.perf_counter()
-        token = self._next_token(tokens)
-        ttft = time.perf_counter() - start
-        for _ in range(max_new_tokens - 1):
-            token = self._next_token([token])
-        total = time.perf_counter() - start
-        return Generation(len(tokens), max_new_tokens, ttft, total)
 
     def close(self) -> None:
         self._generator = None

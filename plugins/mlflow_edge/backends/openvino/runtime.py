@@ -3,20 +3,19 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from mlflow_edge.backends.base import Generation
+from mlflow_edge.backends.base import SequenceRunner
 from mlflow_edge.backends.openvino.device import PERFORMANCE_HINTS, check_device
 from mlflow_edge.backends.openvino.framework import first_reason, require_openvino
 from mlflow_edge.backends.openvino.ir import EXPORT_TASK, model_xml, read_model
 from mlflow_edge.errors import EdgeError
 
 
-class OpenVINORunner:
+class OpenVINORunner(SequenceRunner):
     """A stateful causal-LM IR on the OpenVINO runtime: one sequence, logits per position, greedy generation.
 
     ``reset()`` starts a fresh sequence (clears the KV state) and ``forward(tokens)`` appends ``tokens`` to it,
@@ -59,10 +58,6 @@ class OpenVINORunner:
         self._positions = np.arange(self._n_ctx, dtype=np.int64)[None, :]
         self._beam = np.zeros(1, dtype=np.int32)
 
-    @property
-    def context_tokens(self) -> int:
-        return self._n_ctx
-
     def reset(self) -> None:
         """Start a fresh sequence."""
         if self._request is None:
@@ -87,29 +82,6 @@ class OpenVINORunner:
         self._request.infer(inputs, share_inputs=True)
         self._position = end
         return self._request.get_tensor(self._output).data[0]
-
-    def logits(self, tokens: Sequence[int]) -> np.ndarray:
-        self.reset()
-        return np.array(self.forward(tokens), dtype=np.float32)
-
-    def prefill(self, tokens: Sequence[int]) -> float:
-        self.reset()
-        start = time.perf_counter()
-        self.forward(tokens)
-        return time.perf_counter() - start
-
-    def generate(self, tokens: Sequence[int], max_new_tokens: int) -> Generation:
-        if len(tokens) + max_new_tokens - 1 > self._n_ctx:
-            length = len(tokens) + max_new_tokens - 1
-            raise EdgeError(f"sequence of {length} tokens exceeds the context of {self._n_ctx}")
-        self.reset()
-        start = time.perf_counter()
-        token = int(self.forward(tokens)[-1].argmax())
-        ttft = time.perf_counter() - start
-        for _ in range(max_new_tokens - 1):
-            token = int(self.forward([token])[-1].argmax())
-        total = time.perf_counter() - start
-        return Generation(len(tokens), max_new_tokens, ttft, total)
 
     def close(self) -> None:
         self._request = None
