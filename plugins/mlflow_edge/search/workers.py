@@ -17,11 +17,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mlflow_edge import __version__, procs
 from mlflow_edge.errors import EdgeError
-from mlflow_edge.evaluation.data import TextSlice, calibration_text
-from mlflow_edge.evaluation.harness import EvalSettings, Evaluator, settings_from_record
-from mlflow_edge.gates import Gates, parse_gates
+from mlflow_edge.evaluation.data import TextSlice
+from mlflow_edge.evaluation.harness import Evaluator, settings_from_record
+from mlflow_edge.gates import Gates
 from mlflow_edge.runs import progress, run_tags, tracked_run
-from mlflow_edge.search.config import parse_objectives
+from mlflow_edge.search.config import ResolvedSearch, SearchConfig
 from mlflow_edge.search.objective import Objective
 from mlflow_edge.search.precision import PrecisionOrder, SensitivityEstimate
 from mlflow_edge.search.space import (
@@ -56,38 +56,47 @@ def run_worker(storage: str, study_name: str, target: str | None = None, timeout
     study = _wait_for_study(open_storage(storage), study_name, label, wait_s)
     record = study.user_attrs[COORDINATION_ATTR]
     _check_joinable(record, study_name, target)
-    settings = settings_from_record(record["settings"])
-    _check_measurable(record, study_name, settings.speed)
+    _check_measurable(record, study_name, settings_from_record(record["settings"]).speed)
+    search = worker_config(record, storage, study_name, timeout).resolved()
     experiment = mlflow.get_experiment(record["experiment_id"]).name
     tags = {**run_tags(record["target"], study_name, "worker", record["backends"]),
             "mlflow.parentRunId": record["parent_run_id"], "optuna.study": study_name}
     before = {t.number for t in study.get_trials(deepcopy=False)}
     register_worker(study, record["target"])
     with tracked_run(f"worker-{procs.owner_tag()}", experiment, tags=tags):
-        _work_on(study, record, study_name, settings, timeout, wait_s, label)
+        _work_on(study, search, timeout, wait_s, label)
     mine = [t.number for t in study.get_trials(deepcopy=False)
             if t.number not in before and t.user_attrs.get("owner") == procs.owner_tag()]
     return {"study": study_name, "storage": label, "trials": mine}
 
 
-def _work_on(study: optuna.Study, record: dict[str, Any], study_name: str, settings: EvalSettings,
-             timeout: float | None, wait_s: float, label: str) -> None:
-    """A worker's trials of ``study`` with the coordinator's ``record``, nested under the active worker run."""
-    source = resolve_source(record["model"])
-    space = enumerate_space(record["backends"])
-    gates, calibration = parse_gates(record["gates"]), calibration_text(record["calibration"])
-    order = precision_order(space, record["backends"], source, gates, calibration)
-    study.sampler = trial_sampler(space, os.getpid() + len(study.trials), record["budget"], order)
-    goals = parse_objectives(record["objectives"], accuracy_only=not settings.speed)
-    objective = Objective(source, record["backends"], record["target"], study_name, goals, gates,
-                          Evaluator(source, settings), calibration, record["screen_windows"],
-                          record["prune_margin"], model_spec=record["model"],
-                          calibration_path=record["calibration"], order=order)
+def worker_config(record: dict[str, Any], storage: str, study_name: str, timeout: float | None) -> SearchConfig:
+    """The coordinator's search as its study's coordination ``record`` holds it, for a worker: the same model,
+    target, backends, gates (as resolved there), objectives, settings, calibration text, screening and budget."""
+    settings = settings_from_record(record["settings"])
+    return SearchConfig(model=record["model"], target=record["target"], trials=record["budget"], timeout=timeout,
+                        objectives=record["objectives"], gates=record["gates"], storage=storage,
+                        study_name=study_name, settings=settings, calibration_path=record["calibration"],
+                        accuracy_only=not settings.speed, screen_windows=record["screen_windows"],
+                        prune_margin=record["prune_margin"], backends=record["backends"], coordinate_only=False)
+
+
+def _work_on(study: optuna.Study, search: ResolvedSearch, timeout: float | None, wait_s: float, label: str) -> None:
+    """A worker's trials of ``study`` under the coordinator's ``search``, nested under the active worker run."""
+    config, name = search.config, study.study_name
+    source = resolve_source(config.model)
+    space = enumerate_space(search.backends)
+    order = precision_order(space, search.backends, source, search.gates, search.calibration)
+    study.sampler = trial_sampler(space, os.getpid() + len(study.trials), config.trials, order)
+    objective = Objective(source, search.backends, config.target, name, search.goals, search.gates,
+                          Evaluator(source, search.settings), search.calibration, search.screen_windows,
+                          config.prune_margin, model_spec=config.model, calibration_path=config.calibration_path,
+                          order=order)
     try:
         _adopt_reference(study, objective.evaluator, wait_s)
-        progress(f"worker of study {study_name} ({label}): {measured_count(study)} of {record['budget']} trial(s) "
+        progress(f"worker of study {name} ({label}): {measured_count(study)} of {config.trials} trial(s) "
                  "measured so far")
-        _optimize(study, objective, record["budget"], timeout, space)
+        _optimize(study, objective, config.trials, timeout, space)
     finally:
         objective.evaluator.close()
 
