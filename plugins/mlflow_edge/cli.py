@@ -178,9 +178,11 @@ def convert(model: str, backend: str | None, precision: str | None, target: str,
 @click.option("--recipe", default=None, callback=_optional_text,
               help="per-tensor types from a recipe file (one a budgeted quantization logged, or hand-written)")
 @click.option("--target-bpw", default=None, callback=_optional_float,
-              help="mixed precision per tensor: the recipe of least predicted error at this many bits per weight")
+              help="mixed precision within this many bits per weight, each backend choosing its layers' types "
+                   "(llama.cpp: least predicted error per tensor; OpenVINO: NNCF's ratio and sensitivity; MLX: "
+                   "mlx-lm's dynamic_quant)")
 @click.option("--target-size-mb", default=None, callback=_optional_float,
-              help="mixed precision per tensor: the recipe of least predicted error for this file size (MB)")
+              help="like --target-bpw, for a model of this many MB")
 @click.option("--calibration-text", default=None, help="calibration text file (default: built-in slice)")
 @_target
 @click.option("--output-dir", default=None, help="also copy the artifact here")

@@ -50,6 +50,11 @@ TABLE_COLUMNS = ("tensor", "type", "params", "bits", "error")
 _REQUIRED = ("backend", "architecture", "default_type", "tensor_types")
 _OPTIONAL = ("source_sha256", "budget", "predicted", "sensitivity", "settings")
 # Python-only syntax that std::regex (ECMAScript) reads differently or refuses: named groups, lookbehind, inline flags
+BUDGET_OPTIONS = ("target_bpw", "target_size_mb")
+"""The options of a budgeted recipe, the same in every backend: bits per weight, or the model file's size in MB."""
+SEARCH_BUDGETS_BPW = (4.5, 5.0, 5.5, 6.0, 6.5)
+"""The bit budgets every backend's search samples for its budgeted recipes: one grid, so that a budget means the same
+for each framework (bits per weight over every quantized weight, scales included)."""
 _NOT_PORTABLE = re.compile(r"\(\?(?![:=!])")
 
 
@@ -359,21 +364,38 @@ def budget_bits(table: pd.DataFrame, target_bpw: float | None = None, target_siz
                 fixed_bits: float = 0) -> float:
     """The bit budget of the table's tensors: ``target_bpw`` bits per weight over the table's parameters, or a file of
     ``target_size_mb`` (MB = 1e6 bytes) less ``fixed_bits`` (what the file holds besides the table's tensors)."""
-    if (target_bpw is None) == (target_size_mb is None):
-        raise EdgeError("give exactly one of target_bpw and target_size_mb")
     check_table(table)
     params = int(table.drop_duplicates("tensor")["params"].sum())
+    return budget_bpw(params, target_bpw, target_size_mb, fixed_bits) * params
+
+
+def budget_bpw(params: int, target_bpw: float | None = None, target_size_mb: float | None = None,
+               fixed_bits: float = 0) -> float:
+    """The bits per weight a budget leaves ``params`` quantized weights: ``target_bpw`` itself, or a file of
+    ``target_size_mb`` (MB = 1e6 bytes) less ``fixed_bits`` (what the file holds besides those weights) spread
+    over them; exactly one of the two, a positive number."""
+    if (target_bpw is None) == (target_size_mb is None):
+        raise EdgeError("give exactly one of target_bpw and target_size_mb")
     if target_bpw is not None:
         if not (math.isfinite(target_bpw) and target_bpw > 0):
             raise EdgeError(f"target_bpw must be a positive number, got {target_bpw}")
-        return float(target_bpw) * params
+        return float(target_bpw)
     if not (math.isfinite(target_size_mb) and target_size_mb > 0):
         raise EdgeError(f"target_size_mb must be a positive number, got {target_size_mb}")
     bits = float(target_size_mb) * 8e6 - float(fixed_bits)
     if bits <= 0:
         raise EdgeError(f"target_size_mb {target_size_mb} is below the size of what is not quantized "
                         f"({fixed_bits / 8e6:.2f} MB)")
-    return bits
+    return bits / params
+
+
+def given_budget(options: Mapping[str, Any]) -> dict[str, float]:
+    """The budget among a backend's ``options`` (``target_bpw`` or ``target_size_mb``, :data:`BUDGET_OPTIONS`):
+    empty when none is given, a one-line error when both are."""
+    given = {key: float(options[key]) for key in BUDGET_OPTIONS if options.get(key) is not None}
+    if len(given) > 1:
+        raise EdgeError("give one of target_bpw and target_size_mb, not both")
+    return given
 
 
 def predict(table: pd.DataFrame, allocation: Mapping[str, str]) -> dict[str, float]:

@@ -17,10 +17,10 @@ import numpy as np
 import optuna
 import pytest
 
-from mlflow_edge import artifacts
+from mlflow_edge import artifacts, recipes
 from mlflow_edge.backends import get_backend
 from mlflow_edge.backends.base import Artifact
-from mlflow_edge.backends.mlx import MLXBackend, MLXRunner, load_mlx_model
+from mlflow_edge.backends.mlx import MLXBackend, MLXRunner, load_mlx_model, read_recipe
 from mlflow_edge.errors import EdgeError
 from mlflow_edge.evaluation.data import calibration_text
 from mlflow_edge.sources import SourceModel, from_folder
@@ -157,10 +157,13 @@ def test_search_space_and_starting_point(backend: MLXBackend) -> None:
         trial = study.ask()
         precision, options = backend.search_space(trial)
         seen.add(precision)
+        study.tell(trial, 0.0)
+        if precision == "mixed":  # a budget: dynamic_quant's levels, in groups of 64
+            assert set(options) == {"target_bpw"} and options["target_bpw"] in recipes.SEARCH_BUDGETS_BPW
+            continue
         group = options.get("q_group_size") or int(precision.split("_g")[-1])
         assert 576 % group == 0 and 256 % group == 0  # SmolLM2 and the tiny model
-        study.tell(trial, 0.0)
-    assert {"mixed_3_6", "mixed_4_6"} <= seen and len(seen) > 6
+    assert {"mixed_3_6", "mixed_4_6", "mixed"} <= seen and len(seen) > 6
 
 
 def test_unsupported_bits_groups_and_modes_are_refused(backend: MLXBackend, base: Artifact, tmp_path: Path) -> None:
@@ -281,7 +284,7 @@ def test_dynamic_quant_refuses_unreachable_targets_and_missing_text(backend: MLX
                                                                    tmp_path: Path) -> None:
     with pytest.raises(EdgeError) as exc:
         backend.quantize(base, tmp_path / "out", "dynamic_4.5bpw", SMALL_CALIBRATION, calibration=calibration_text())
-    assert "outside the 5.00-6.00 bits per weight" in one_line(exc)
+    assert "4.5 bits per weight is outside the 5.00-6.00" in one_line(exc)
     with pytest.raises(EdgeError) as exc:
         backend.quantize(base, tmp_path / "out", "dynamic_5.5bpw", SMALL_CALIBRATION)
     assert "reads calibration text" in one_line(exc)
@@ -290,6 +293,42 @@ def test_dynamic_quant_refuses_unreachable_targets_and_missing_text(backend: MLX
                          calibration=calibration_text())
     assert "1000 windows of 512" in one_line(exc)
     assert_nothing_left(tmp_path / "out")
+
+
+@pytest.mark.parametrize("budget", [{"target_bpw": 5.5}, {"target_size_mb": 9.0}])
+def test_a_budget_is_dynamic_quant_at_the_levels_around_it(backend: MLXBackend, base: Artifact,
+                                                           tiny_source: SourceModel, root: Path,
+                                                           budget: dict[str, float]) -> None:
+    from mlx_lm.utils import compute_bits_per_weight, get_total_parameters
+
+    artifact = backend.quantize(base, root / f"budget-{next(iter(budget))}", "MIXED", {**budget, **SMALL_CALIBRATION},
+                                calibration=calibration_text(), source=tiny_source)
+    model = load_mlx_model(artifact.path)
+    params = get_total_parameters(model)
+    target = budget.get("target_bpw") or budget["target_size_mb"] * 8e6 / params
+    assert artifact.precision == "mixed" and artifact.options["target_bpw"] == pytest.approx(target, rel=1e-6)
+    assert {k: artifact.options[k] for k in budget} == budget
+    # float32 scales: 4 bits in groups of 64 are 5.0 bits per weight, 5 bits 6.0: the levels either side of 5.5
+    assert (artifact.options["low_bits"], artifact.options["high_bits"]) == (4, 5)
+    assert 5.0 < compute_bits_per_weight(model) <= target + 1e-3
+    assert read_recipe(artifact.path / "recipe.json").budget == budget
+
+
+def test_budgets_out_of_reach_or_misplaced_are_refused(backend: MLXBackend, base: Artifact, tmp_path: Path) -> None:
+    for precision, options, reason in (
+        ("mixed", {"target_bpw": 2.5}, "a target of 2.5 bits per weight is outside the 3.00-4.00"),
+        ("mixed", {"target_bpw": 5.0, "recipe": "recipe.json"}, "give one of recipe, target_bpw and target_size_mb"),
+        ("mixed", {"target_bpw": 5.0, "target_size_mb": 9.0}, "give one of target_bpw and target_size_mb"),
+        ("q4_g64", {"target_bpw": 5.0}, "target_bpw applies with precision mixed, not q4_g64"),
+        ("mixed", {"target_bpw": 5.0, "q_group_size": 32}, "q_group_size do(es) not apply to mixed"),
+    ):
+        with pytest.raises(EdgeError) as exc:
+            backend.quantize(base, tmp_path / "out", precision, {**options, **SMALL_CALIBRATION},
+                             calibration=calibration_text())
+        assert reason in one_line(exc)
+        assert_nothing_left(tmp_path / "out")
+    bits = backend.precision_bits("mixed", {"target_bpw": 5.5}, None)
+    assert (bits.method, bits.bpw) == ("dynamic", 5.5)
 
 
 def test_awq_on_calibration_text(backend: MLXBackend, base: Artifact, reference: np.ndarray,

@@ -28,7 +28,7 @@ from mlflow_edge.backends.openvino.calibration import calibration_samples, inver
 from mlflow_edge.errors import EdgeError
 from mlflow_edge.evaluation.accuracy import log_softmax
 from mlflow_edge.evaluation.data import calibration_text, evaluation_text
-from mlflow_edge.recipes import load_recipe
+from mlflow_edge.recipes import SEARCH_BUDGETS_BPW, load_recipe
 from mlflow_edge.sources import SourceModel
 
 WIDTH = 256
@@ -442,6 +442,9 @@ def test_search_space_is_conditional(backend: OpenVINOBackend, f32: Artifact, ti
         assert all(name.startswith("openvino.") for name in trial.params)
         if precision.startswith("INT8"):
             assert options == {} and set(trial.params) == {"openvino.mode"}
+        elif precision == "MIXED":  # a budget of the shared grid, NNCF choosing each layer's mode
+            assert set(options) == {"group_size", "target_bpw"} and options["target_bpw"] in SEARCH_BUDGETS_BPW
+            assert 576 % options["group_size"] == 0 and WIDTH % options["group_size"] == 0
         else:
             assert options["group_size"] in (32, 64, -1)
             group = options["group_size"]
@@ -449,7 +452,7 @@ def test_search_space_is_conditional(backend: OpenVINOBackend, f32: Artifact, ti
             assert 0 < options["ratio"] <= 1
         seen_modes.add(precision)
         study.tell(trial, 0.0)
-    assert seen_modes == {"INT8_SYM", "INT8_ASYM", "INT4_SYM", "INT4_ASYM", "NF4"}
+    assert seen_modes == {"INT8_SYM", "INT8_ASYM", "INT4_SYM", "INT4_ASYM", "NF4", "MIXED"}
     # a sampled data-aware configuration quantizes for real
     trial = optuna.trial.FixedTrial({"openvino.mode": "NF4", "openvino.group_size": 64, "openvino.ratio": 0.8,
                                      "openvino.awq": True, "openvino.scale_estimation": False})

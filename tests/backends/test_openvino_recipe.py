@@ -135,6 +135,62 @@ def test_uniform_artifacts_carry_no_recipe(backend: OpenVINOBackend, f32: Artifa
     assert not (uniform.path / RECIPE_FILE).exists() and "recipe_sha256" not in uniform.options
 
 
+# -- a bit budget --------------------------------------------------------------------------------------------------
+def weight_bpw(artifact: Artifact, f32: Artifact, recipe: Any) -> float:
+    """Bits per weight of the artifact's layers by their recipe types: INT4_ASYM in groups of 64 (4 bits, an f16
+    scale and a u4 zero point per group), INT8_ASYM per output channel (an f16 scale and a u8 zero point per row)."""
+    shapes = {name: shape for name, (_, shape) in constants(f32).items() if name in LAYERS}
+    bits = sum(np.prod(shape) * (4 + 20 / 64) if recipe.type_of(name) == "INT4_ASYM"
+               else np.prod(shape) * 8 + 24 * shape[0] for name, shape in shapes.items())
+    return float(bits / sum(np.prod(shape) for shape in shapes.values()))
+
+
+@pytest.mark.parametrize("budget", [{"target_bpw": 7.9}, {"target_size_mb": 13.5}])
+def test_a_budget_is_nncf_mixed_precision_within_it(backend: OpenVINOBackend, f32: Artifact, root: Path,
+                                                    budget: dict[str, float]) -> None:
+    # the tiny model's embedding is 91 % of its weights: only a budget near 8 bits leaves room for two types
+    artifact = backend.quantize(f32, root / f"budget-{next(iter(budget))}", "MIXED", {**budget, "group_size": 64})
+    assert artifact.precision == "MIXED" and artifact.options["all_layers"] is True
+    assert {k: artifact.options[k] for k in budget} == budget and 0 < artifact.options["ratio"] <= 1
+    recipe = load_recipe(artifact.path / RECIPE_FILE)
+    assert recipe.budget == budget and recipe.settings == {"group_size": 64}
+    assert {recipe.type_of(name) for name in LAYERS} == {"INT4_ASYM", "INT8_ASYM"}
+    params = sum(np.prod(shape) for name, (_, shape) in constants(f32).items() if name in LAYERS)
+    target = budget.get("target_bpw") or budget["target_size_mb"] * 8e6 / params
+    largest = max(np.prod(shape) for name, (_, shape) in constants(f32).items() if name in LAYERS) / params
+    assert target - largest * (8 - 4 - 20 / 64) <= weight_bpw(artifact, f32, recipe) <= target  # within one layer
+    # its recipe re-applies to the same weights (a recipe applied carries its types, not the budget that chose them)
+    again = backend.quantize(f32, root / f"budget-{next(iter(budget))}-again", "MIXED",
+                             {"recipe": str(artifact.path / RECIPE_FILE)})
+    assert (again.path / MODEL_BIN).read_bytes() == (artifact.path / MODEL_BIN).read_bytes()
+    reapplied = load_recipe(again.path / RECIPE_FILE)
+    assert (reapplied.default_type, reapplied.rules, reapplied.budget) == (recipe.default_type, recipe.rules, None)
+
+
+def test_budgets_out_of_reach_are_refused_before_writing(backend: OpenVINOBackend, f32: Artifact,
+                                                         tmp_path: Path) -> None:
+    good = str(write_recipe(tmp_path / "good.json", [("down_proj", "INT8_ASYM")]))
+    for precision, options, reason in (
+        ("MIXED", {"target_bpw": 4.2, "group_size": 64}, "below INT4_ASYM in groups of 64 on every layer (4.31)"),
+        ("MIXED", {"target_bpw": 8.5}, "at or above INT8_ASYM on every layer"),
+        ("MIXED", {"target_size_mb": 0.0}, "target_size_mb must be a positive number"),
+        ("MIXED", {"target_bpw": 6.0, "recipe": good}, "give one of recipe, target_bpw and target_size_mb"),
+        ("MIXED", {"target_bpw": 6.0, "target_size_mb": 9.0}, "give one of recipe, target_bpw and target_size_mb"),
+        ("MIXED", {"target_bpw": 6.0, "ratio": 0.5}, "ratio do(es) not apply to a MIXED budget"),
+        ("INT4_ASYM", {"target_bpw": 6.0}, "target_bpw applies with precision MIXED, not INT4_ASYM"),
+    ):
+        with pytest.raises(EdgeError) as exc:
+            backend.quantize(f32, tmp_path / "out", precision, options)
+        assert reason in one_line(exc)
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_budget_is_known_in_bits_before_quantizing(backend: OpenVINOBackend) -> None:
+    bits = backend.precision_bits("MIXED", {"target_bpw": 5.5, "group_size": 64}, None)
+    assert (bits.method, bits.bpw) == ("mixed", 5.5)
+    assert backend.precision_bits("MIXED", {"recipe": "recipe.json"}, None) is None
+
+
 # -- a hand-written recipe -----------------------------------------------------------------------------------------
 def test_hand_written_recipe_gives_each_layer_its_type(backend: OpenVINOBackend, f32: Artifact, root: Path) -> None:
     recipe_file = write_recipe(root / "hand.json", [

@@ -39,7 +39,6 @@ RECIPE_FILE = "recipe.json"
 SEARCH_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_1", "Q5_K_S",
                 "Q5_K_M", "Q6_K", "Q8_0")
 """The uniform types (llama.cpp's own mixtures) the search samples."""
-SEARCH_BUDGETS_BPW = (4.5, 5.0, 5.5, 6.0, 6.5)
 """Bits per weight (of the quantized tensors) the search samples for a :data:`MIXED` recipe: from Q4_0's size to
 between Q6_K and Q8_0, where the gates of a real evaluation usually fall."""
 MIXED_START_BPW = 6.0
@@ -131,7 +130,7 @@ class LlamaCppBackend(BaseBackend):
         precision = trial.suggest_categorical("llamacpp.precision", [*SEARCH_TYPES, MIXED])
         options: dict[str, Any] = {}
         if precision == MIXED:  # a per-tensor recipe allocated within a sampled budget
-            options["target_bpw"] = trial.suggest_categorical("llamacpp.target_bpw", list(SEARCH_BUDGETS_BPW))
+            options["target_bpw"] = trial.suggest_categorical("llamacpp.target_bpw", list(recipes.SEARCH_BUDGETS_BPW))
         options["imatrix"] = trial.suggest_categorical("llamacpp.imatrix", [False, True])
         if options["imatrix"]:
             options["imatrix_chunks"] = 8

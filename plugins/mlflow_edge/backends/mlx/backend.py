@@ -8,6 +8,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
+from mlflow_edge import recipes
 from mlflow_edge.backends.base import Artifact, BaseBackend, Bits, OptionSpec, StageNeed
 from mlflow_edge.backends.mlx.convert import convert_folder, convertible_reason
 from mlflow_edge.backends.mlx.folder import check_folder, folder_precision, is_mlx_folder, model_files
@@ -24,7 +25,7 @@ from mlflow_edge.backends.mlx.precision import (
     parse_precision,
     quant_modes,
 )
-from mlflow_edge.backends.mlx.quantize import method_settings, quantize_folder
+from mlflow_edge.backends.mlx.quantize import budget_plan, method_settings, quantize_folder
 from mlflow_edge.backends.mlx.runtime import MLXRunner
 from mlflow_edge.errors import EdgeError
 
@@ -59,6 +60,9 @@ class MLXBackend(BaseBackend):
                        help="mixed_* recipes: group size (mlx-lm --q-group-size; default 64)"),
             OptionSpec("recipe", str, None, help=f"{MIXED}: a recipe JSON file (layer pattern -> q<bits>_g<group>, a "
                        "mode, or the dtype for unquantized; see mlflow_edge.recipes)"),
+            OptionSpec("target_bpw", float, None, help=f"{MIXED}: per-layer bits within this many bits per weight "
+                       "(mlx-lm's dynamic_quant on calibration text, low/high bits either side of it)"),
+            OptionSpec("target_size_mb", float, None, help=f"{MIXED}: like target_bpw, for weights of this many MB"),
             OptionSpec("dtype", str, None, choices=CONVERT_PRECISIONS,
                        help="float type of the unquantized parameters and scales (default: the base's)"),
             OptionSpec("low_bits", int, None, help="dynamic_*: bits of the less sensitive layers (default 4)"),
@@ -94,7 +98,10 @@ class MLXBackend(BaseBackend):
 
     def search_space(self, trial: Any) -> tuple[str, dict[str, Any]]:
         # 32 and 64 divide every layer of SmolLM2 (576 wide) and of the tiny test model (256); 128 does not divide 576
-        recipe = trial.suggest_categorical("mlx.recipe", ["uniform", "mixed_3_6", "mixed_4_6"])
+        recipe = trial.suggest_categorical("mlx.recipe", ["uniform", "mixed_3_6", "mixed_4_6", MIXED])
+        if recipe == MIXED:  # per-layer bits within a sampled budget (dynamic_quant's sensitivities)
+            return MIXED, {"target_bpw": trial.suggest_categorical("mlx.target_bpw",
+                                                                   list(recipes.SEARCH_BUDGETS_BPW))}
         group = trial.suggest_categorical("mlx.q_group_size", [32, 64])
         if recipe == "uniform":
             bits = trial.suggest_categorical("mlx.q_bits", [3, 4, 5, 6, 8])
@@ -118,6 +125,8 @@ class MLXBackend(BaseBackend):
         if match := re.fullmatch(r"mixed_(\d)_(\d)", precision):
             low, high = int(match.group(1)), int(match.group(2))
             return Bits("mixed", 0.75 * low + 0.25 * high + 32 / int(options.get("q_group_size") or 64))
+        if precision == MIXED and options.get("target_bpw") is not None:  # a budget is its bits
+            return Bits("dynamic", float(options["target_bpw"]))
         return None
 
     # -- convert, quantize ---------------------------------------------------------------------------------------
@@ -131,7 +140,7 @@ class MLXBackend(BaseBackend):
         settings = self.typed(options)
         if settings.get("fuse_adapter") and not settings.get("adapter_path"):
             raise EdgeError("fuse_adapter needs adapter_path")
-        plan = parse_precision(precision)
+        plan, settings = budget_plan(parse_precision(precision), settings, Path(base.path))
         settings = method_settings(plan, settings)
         self.refuse_quantized(base, f"quantize a {'/'.join(CONVERT_PRECISIONS)} conversion")
         recorded = quantize_folder(base, Path(out_dir), plan, settings, calibration)

@@ -12,9 +12,16 @@ import numpy as np
 
 from mlflow_edge import recipes
 from mlflow_edge.backends.mlx.adapters import adapter_sha256, check_adapter, copy_adapter, fuse_adapter
-from mlflow_edge.backends.mlx.folder import check_folder, folder_precision, legacy_rope_keys, writing_into
+from mlflow_edge.backends.mlx.folder import (
+    check_folder,
+    folder_precision,
+    legacy_rope_keys,
+    safetensors_header,
+    weight_files,
+    writing_into,
+)
 from mlflow_edge.backends.mlx.framework import mlx_call
-from mlflow_edge.backends.mlx.precision import MIXED, Plan, check_bits_and_group
+from mlflow_edge.backends.mlx.precision import MIXED, Plan, affine_bits, check_bits_and_group
 from mlflow_edge.backends.mlx.quantizers import QUANTIZERS, bpw_range, cast
 from mlflow_edge.backends.mlx.recipe import (
     RECIPE_FILE,
@@ -44,14 +51,45 @@ that reproduces them (AWQ rescales the weights first; a recipe of its types woul
 _COMMON_OPTIONS = ("dtype", "adapter_path", "fuse_adapter")
 
 
+def budget_plan(plan: Plan, options: Mapping[str, Any], folder: Path) -> tuple[Plan, dict[str, Any]]:
+    """A :data:`MIXED` budget (``target_bpw`` / ``target_size_mb``) as mlx-lm's ``dynamic_quant`` at that target,
+    its low and high bits (groups of 64) the affine levels on either side of it where the options leave them unset;
+    any other plan and options as they are."""
+    budget = recipes.given_budget(options)
+    if not budget:
+        return plan, dict(options)
+    if plan.method != "per_layer":
+        raise EdgeError(f"{', '.join(budget)} applies with precision {MIXED}, not {plan.precision}")
+    if options.get("recipe"):
+        raise EdgeError(f"give one of recipe, target_bpw and target_size_mb, not {' and '.join(['recipe', *budget])}")
+    settings = dict(options)
+    target = recipes.budget_bpw(_parameters(folder), **budget)
+    dtype = settings.get("dtype") or folder_precision(folder, check_folder(folder))
+    per_group = 2 * (32 if dtype == "float32" else 16) / 64  # a scale and a bias per group of 64, in the dtype
+    levels = affine_bits()
+    low = max((bits for bits in levels if bits + per_group <= target), default=levels[0])
+    high = min((bits for bits in levels if bits > low and bits + per_group >= target), default=levels[-1])
+    settings = {"low_bits": low, "high_bits": high, **settings}
+    return Plan(MIXED, "dynamic", target_bpw=target), settings
+
+
+def _parameters(folder: Path) -> int:
+    """The parameter count of a float MLX folder, from its safetensors headers."""
+    return sum(int(np.prod(entry["shape"])) for file in weight_files(folder)
+               for name, entry in safetensors_header(file).items() if name != "__metadata__")
+
+
 def method_settings(plan: Plan, options: Mapping[str, Any]) -> dict[str, Any]:
     """The options of ``plan``'s method with its defaults; options of another method are refused."""
     allowed = set(_METHOD_OPTIONS[plan.method]) | set(_COMMON_OPTIONS)
+    if plan.precision == MIXED and plan.method == "dynamic":  # a budget (budget_plan)
+        allowed |= set(recipes.BUDGET_OPTIONS)
     if misplaced := sorted(set(options) - allowed):
         raise EdgeError(f"{', '.join(misplaced)} do(es) not apply to {plan.precision}"
                         f"{f' (a recipe applies with precision {MIXED})' if 'recipe' in misplaced else ''}")
     if plan.method == "per_layer" and not options.get("recipe"):
-        raise EdgeError(f"precision {MIXED} needs recipe=<a recipe JSON file>")
+        raise EdgeError(f"precision {MIXED} needs recipe=<a recipe JSON file>, target_bpw=<bits> or "
+                        "target_size_mb=<MB>")
     settings = {**_METHOD_DEFAULTS[plan.method], **options}
     for bits, group in (("low_bits", "low_group_size"), ("high_bits", "high_group_size"),
                         ("embed_bits", "embed_group_size")):
@@ -105,9 +143,9 @@ def check_layers(folder: Path, plan: Plan, settings: Mapping[str, Any],
     if plan.method == "dynamic":
         low, high = bpw_range(cast(model, settings["dtype"]), settings)
         if not low <= plan.target_bpw <= high:
-            raise EdgeError(f"{plan.precision} is outside the {low:.2f}-{high:.2f} bits per weight that low_bits="
-                            f"{settings['low_bits']} and high_bits={settings['high_bits']} reach at dtype "
-                            f"{settings['dtype']}")
+            raise EdgeError(f"a target of {plan.target_bpw:.3g} bits per weight is outside the {low:.2f}-{high:.2f} "
+                            f"that low_bits={settings['low_bits']} and high_bits={settings['high_bits']} reach at "
+                            f"dtype {settings['dtype']}")
     return widths
 
 
@@ -120,6 +158,7 @@ def recorded_arguments(plan: Plan, settings: Mapping[str, Any], adapter: Path | 
         recorded.update({"quant_predicate": plan.precision, "q_group_size": settings["q_group_size"]})
     if plan.method == "dynamic":
         recorded["target_bpw"] = plan.target_bpw
+        recorded.update({name: settings[name] for name in recipes.BUDGET_OPTIONS if name in settings})
     for name in (*_METHOD_OPTIONS[plan.method],):
         recorded.setdefault(name, settings[name])
     if adapter is not None:
@@ -184,7 +223,8 @@ def quantize_folder(base: Any, out_dir: Path, plan: Plan, settings: dict[str, An
     with writing_into(out_dir) as staging:
         quantize_into(staging, folder, plan, settings, adapter, data)
         if plan.method in PER_LAYER_METHODS:
-            written = extract_recipe(staging, list(layers), base.source_sha256)
+            budget = {name: float(settings[name]) for name in recipes.BUDGET_OPTIONS if name in settings}
+            written = extract_recipe(staging, list(layers), base.source_sha256, budget)
             written.save(staging / RECIPE_FILE)
             recorded["recipe_sha256"] = written.digest()
     return recorded

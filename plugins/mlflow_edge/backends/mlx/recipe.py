@@ -57,10 +57,12 @@ def check_recipe(recipe: recipes.Recipe, widths: Mapping[str, int], architecture
         raise EdgeError(f"the recipe leaves every layer unquantized ({dtype})")
 
 
-def extract_recipe(folder: Path, layers: Sequence[str], source_sha256: str | None = None) -> recipes.Recipe:
+def extract_recipe(folder: Path, layers: Sequence[str], source_sha256: str | None = None,
+                   budget: Mapping[str, float] | None = None) -> recipes.Recipe:
     """The type of each of ``layers`` in the quantized MLX ``folder``, as mlx-lm's loader reads it back (the layer's
     entry in ``config.json``'s ``quantization``; else the model-wide setting when the weights hold its scales; else
-    unquantized, at its weight's dtype), as one exact rule per layer that differs from the most common type."""
+    unquantized, at its weight's dtype), as one exact rule per layer that differs from the most common type;
+    ``budget``: the bit budget that chose them."""
     config = json.loads((folder / "config.json").read_text())
     quantization = config.get("quantization") or {}
     tensors = {key: entry for file in weight_files(folder) for key, entry in safetensors_header(file).items()}
@@ -75,4 +77,5 @@ def extract_recipe(folder: Path, layers: Sequence[str], source_sha256: str | Non
     default = collections.Counter(kinds.values()).most_common(1)[0][0]
     return recipes.recipe_from_allocation({name: kind for name, kind in kinds.items() if kind != default},
                                           backend=NAME, architecture=str(config["model_type"]),
-                                          default_type=default, source_sha256=source_sha256)
+                                          default_type=default, source_sha256=source_sha256,
+                                          budget=budget or None)

@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 from mlflow_edge import recipes
 from mlflow_edge.backends.base import Artifact, BaseBackend, Bits, OptionSpec, StageNeed, option_bool
+from mlflow_edge.backends.openvino.budget import BUDGET_MODE, four_bit_bpw
 from mlflow_edge.backends.openvino.convert import export_ir, exportable_reason
 from mlflow_edge.backends.openvino.device import PERFORMANCE_HINTS, load_settings, runtime_options
 from mlflow_edge.backends.openvino.framework import NAME, compress_modes, require_nncf, require_openvino
@@ -82,6 +83,9 @@ class OpenVINOBackend(BaseBackend):
             OptionSpec("drop_type", str, None, choices=("RELATIVE", "ABSOLUTE"), help="how max_drop is measured"),
             OptionSpec("recipe", str, None, help=f"{MIXED}: a recipe JSON file (weight constant pattern -> "
                        f"{', '.join(RECIPE_TYPES)}; see mlflow_edge.recipes)"),
+            OptionSpec("target_bpw", float, None, help=f"{MIXED}: {BUDGET_MODE} on as many layers as fit this many "
+                       "bits per weight, NNCF's sensitivity_metric choosing them, the rest INT8_ASYM"),
+            OptionSpec("target_size_mb", float, None, help=f"{MIXED}: like target_bpw, for weights of this many MB"),
             OptionSpec("device", str, None, help="runtime: CPU, GPU, NPU or AUTO (also NNCF's target device)"),
             OptionSpec("performance_hint", str, None, choices=PERFORMANCE_HINTS, help="runtime: PERFORMANCE_HINT"),
             OptionSpec("inference_precision", str, None, choices=("f32", "f16", "bf16"),
@@ -115,9 +119,12 @@ class OpenVINOBackend(BaseBackend):
                  "openvino.scale_estimation": False})
 
     def search_space(self, trial: Any) -> tuple[str, dict[str, Any]]:
-        mode = trial.suggest_categorical("openvino.mode", ["INT8_SYM", "INT8_ASYM", *FOUR_BIT_MODES])
+        mode = trial.suggest_categorical("openvino.mode", ["INT8_SYM", "INT8_ASYM", *FOUR_BIT_MODES, MIXED])
         options: dict[str, Any] = {}
-        if mode in FOUR_BIT_MODES:
+        if mode == MIXED:  # NNCF's per-layer 4/8-bit modes within a sampled budget
+            options["group_size"] = trial.suggest_categorical("openvino.group_size", [32, 64])
+            options["target_bpw"] = trial.suggest_categorical("openvino.target_bpw", list(recipes.SEARCH_BUDGETS_BPW))
+        elif mode in FOUR_BIT_MODES:
             # 32 and 64 divide every layer of SmolLM2 (576 wide) and of the tiny test model (256)
             options["group_size"] = trial.suggest_categorical("openvino.group_size", [32, 64])
             options["ratio"] = trial.suggest_categorical("openvino.ratio", [0.8, 1.0])
@@ -141,13 +148,15 @@ class OpenVINOBackend(BaseBackend):
         # group on `ratio` of the layers, the rest in INT8_ASYM; AWQ and scale estimation are methods of their own
         mode = precision.upper()
         family = "nf4" if mode == "NF4" else "asym" if mode.endswith("_ASYM") else "sym"
+        if mode == MIXED:  # a budget is its bits (a recipe file's are known once it is read)
+            return Bits("mixed", float(options["target_bpw"])) if options.get("target_bpw") is not None else None
         if mode in ("INT8_SYM", "INT8_ASYM"):
             return Bits(family, 8.0)
         if mode not in FOUR_BIT_MODES:
             return None
         group = int(options.get("group_size") or 128)
         ratio = float(options.get("ratio") if options.get("ratio") is not None else 1.0)
-        four = 4 + (16 + (4 if family == "asym" else 0)) / group
+        four = four_bit_bpw(group) if family == "asym" else 4 + 16 / group
         aware = "".join(f"+{name}" for name in ("awq", "scale_estimation", "gptq")
                         if option_bool(options.get(name, False)))
         return Bits(family + aware, ratio * four + (1 - ratio) * 8.0)

@@ -23,7 +23,10 @@ PTQ_OPTIONS = ("preset", "fast_bias_correction", "max_drop", "drop_type")
 GROUP_OPTIONS = ("group_size", "group_size_fallback_mode")
 
 MIXED = "MIXED"
-"""The precision whose per-layer types a recipe file decides (option ``recipe``)."""
+"""The precision of per-layer types: those a recipe file decides (option ``recipe``), or those NNCF's sensitivity
+picks within a bit budget (``target_bpw`` / ``target_size_mb``)."""
+BUDGET_OPTIONS = ("target_bpw", "target_size_mb")
+BUDGET_ALLOWED = (*BUDGET_OPTIONS, "sensitivity_metric", "subset_size", "calibration_tokens", *GROUP_OPTIONS)
 RECIPE_FILE = "recipe.json"
 UNCOMPRESSED = "NONE"
 """The recipe type of a layer left uncompressed, at the IR's float type (NNCF's ``BackupMode.NONE``)."""
@@ -48,12 +51,21 @@ def needs_data(options: Mapping[str, Any]) -> bool:
 
 def check_method_options(precision: str, options: Mapping[str, Any]) -> None:
     """Refuse options of another method: weight compression's with ``INT8_PTQ``, PTQ's with weight compression,
-    ``recipe`` without :data:`MIXED`, and with it anything but the group size and runtime options."""
-    if "recipe" in options and precision != MIXED:
-        raise EdgeError(f"recipe applies with precision {MIXED}, not {precision}")
-    if precision == MIXED:
+    ``recipe`` or a budget without :data:`MIXED`, with a recipe anything but the group size and runtime options,
+    with a budget anything but those and the sensitivity metric's."""
+    for name in ("recipe", *BUDGET_OPTIONS):
+        if name in options and precision != MIXED:
+            raise EdgeError(f"{name} applies with precision {MIXED}, not {precision}")
+    if precision == MIXED and any(name in options for name in BUDGET_OPTIONS):
+        if given := [name for name in ("recipe", *BUDGET_OPTIONS) if name in options][1:]:
+            raise EdgeError(f"give one of recipe, target_bpw and target_size_mb, not {' and '.join(given)} too")
+        if misplaced := sorted(set(options) - {*BUDGET_ALLOWED, *RUNTIME_OPTIONS}):
+            raise EdgeError(f"{', '.join(misplaced)} do(es) not apply to a {MIXED} budget: NNCF's sensitivity "
+                            f"decides each layer's mode ({', '.join(BUDGET_ALLOWED[2:])} apply)")
+    elif precision == MIXED:
         if not options.get("recipe"):
-            raise EdgeError(f"precision {MIXED} needs recipe=<a recipe JSON file>")
+            raise EdgeError(f"precision {MIXED} needs recipe=<a recipe JSON file>, target_bpw=<bits> or "
+                            "target_size_mb=<MB>")
         if misplaced := sorted(set(options) - {"recipe", *GROUP_OPTIONS, *RUNTIME_OPTIONS}):
             raise EdgeError(f"{', '.join(misplaced)} do(es) not apply to {MIXED}: the recipe decides every layer's "
                             "type, data-free")

@@ -38,13 +38,18 @@ def layer_types(model: Any) -> dict[str, str]:
     """The recipe type of every weight NNCF compresses in ``model`` (a matrix constant on a MatMul input or the data of
     an embedding Gather), by layer name (:func:`_weights`), in graph order: :data:`UNCOMPRESSED` while float, else the
     mode its compressed constant says (element type, and a zero point or not); a tied weight is one entry."""
-    return {layer: kind for layer, (_, kind) in _weights(model).items()}
+    return {layer: kind for layer, (_, kind, _) in _weights(model).items()}
 
 
-def _weights(model: Any) -> dict[str, tuple[str, str]]:
-    """Layer name (:func:`layer_name`) -> (weight constant name, recipe type); NNCF's ``ignored_scope`` takes the
-    constant's own name."""
-    weights: dict[str, tuple[str, str]] = {}
+def weight_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    """The shape of every weight NNCF compresses in ``model``, by layer name, as :func:`layer_types` lists them."""
+    return {layer: shape for layer, (_, _, shape) in _weights(model).items()}
+
+
+def _weights(model: Any) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+    """Layer name (:func:`layer_name`) -> (weight constant name, recipe type, the float weight's shape); NNCF's
+    ``ignored_scope`` takes the constant's own name."""
+    weights: dict[str, tuple[str, str, tuple[int, ...]]] = {}
     for op in model.get_ordered_ops():
         for port in _WEIGHT_PORTS.get(op.get_type_name(), ()):
             if found := _weight_type(op.input_value(port)):
@@ -61,10 +66,10 @@ def layer_name(constant: str) -> str:
     return module + dot + attribute.removeprefix(_PATCHED_PREFIX)
 
 
-def _weight_type(value: Any) -> tuple[str, str] | None:
-    """(constant name, recipe type) of the weight behind an op input, through NNCF's decompression subgraph
+def _weight_type(value: Any) -> tuple[str, str, tuple[int, ...]] | None:
+    """(constant name, recipe type, shape) of the weight behind an op input, through NNCF's decompression subgraph
     (``Convert``, ``Subtract`` of the zero point, ``Multiply`` by the scale, ``Reshape`` of the groups); ``None`` when
-    no weight is behind it."""
+    no weight is behind it. The shape is the op input's: a grouped weight's constant is reshaped to it."""
     node, zero_point, scaled = value.get_node(), False, False
     while node.get_type_name() in _DECOMPRESSION_OPS:
         zero_point |= node.get_type_name() == "Subtract"
@@ -73,22 +78,25 @@ def _weight_type(value: Any) -> tuple[str, str] | None:
     if node.get_type_name() != "Constant":
         return None
     element, shape = node.get_output_element_type(0).get_type_name(), list(node.get_output_shape(0))
+    weight_shape = tuple(int(n) for n in value.get_partial_shape().to_shape())
     if scaled and element not in _FLOAT_ELEMENTS:
-        return node.get_friendly_name(), _ELEMENT_MODES.get((element, zero_point), element.upper())
+        return node.get_friendly_name(), _ELEMENT_MODES.get((element, zero_point), element.upper()), weight_shape
     if not scaled and element in _FLOAT_ELEMENTS and len(shape) >= 2 and min(shape[-2:]) > 1:
-        return node.get_friendly_name(), UNCOMPRESSED
+        return node.get_friendly_name(), UNCOMPRESSED, weight_shape
     return None
 
 
 def extract_recipe(kinds: Mapping[str, str], architecture: str, source_sha256: str | None = None,
-                   settings: Mapping[str, Any] | None = None) -> recipes.Recipe:
+                   settings: Mapping[str, Any] | None = None,
+                   budget: Mapping[str, float] | None = None) -> recipes.Recipe:
     """The per-layer types of a compressed model (``kinds``, :func:`layer_types`) as a recipe: one exact rule per
     layer whose type differs from the most common one, the default; ``settings``: the group size options it was made
-    with."""
+    with; ``budget``: the bit budget that chose them."""
     default = collections.Counter(kinds.values()).most_common(1)[0][0]
     return recipes.recipe_from_allocation({name: kind for name, kind in kinds.items() if kind != default},
                                           backend=NAME, architecture=architecture,
-                                          default_type=default, source_sha256=source_sha256, settings=settings)
+                                          default_type=default, source_sha256=source_sha256, settings=settings,
+                                          budget=budget or None)
 
 
 def checked_recipe(path: str, model: Any, folder: Path) -> recipes.Recipe:
@@ -126,7 +134,7 @@ def apply_recipe(nncf: Any, model: Any, recipe: recipes.Recipe,
 
 
 def written_recipe(model: Any, precision: str, options: Mapping[str, Any], folder: Path,
-                   source_sha256: str) -> recipes.Recipe | None:
+                   source_sha256: str, budget: Mapping[str, float] | None = None) -> recipes.Recipe | None:
     """The recipe an artifact carries: its layers' types when they are more than one (a 4-bit mode keeps some in
     ``backup_mode``) or came from a recipe, all of them :data:`RECIPE_TYPES`, and the architecture known. None after
     a method that changes the weights beyond their types (AWQ, scale estimation, GPTQ, LoRA correction): a recipe
@@ -138,4 +146,5 @@ def written_recipe(model: Any, precision: str, options: Mapping[str, Any], folde
     architecture = ir_architecture(folder)
     if not found <= set(RECIPE_TYPES) or architecture is None or (len(found) < 2 and precision != MIXED):
         return None
-    return extract_recipe(kinds, architecture, source_sha256, {k: options[k] for k in GROUP_OPTIONS if k in options})
+    return extract_recipe(kinds, architecture, source_sha256, {k: options[k] for k in GROUP_OPTIONS if k in options},
+                          budget)
