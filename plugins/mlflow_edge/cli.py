@@ -179,8 +179,7 @@ def convert(model: str, backend: str | None, precision: str | None, target: str,
               help="per-tensor types from a recipe file (one a budgeted quantization logged, or hand-written)")
 @click.option("--target-bpw", default=None, callback=_optional_float,
               help="mixed precision within this many bits per weight, each backend choosing its layers' types "
-                   "(llama.cpp: least predicted error per tensor; OpenVINO: NNCF's ratio and sensitivity; MLX: "
-                   "mlx-lm's dynamic_quant)")
+                   "by its own method (its target_bpw option says which)")
 @click.option("--target-size-mb", default=None, callback=_optional_float,
               help="like --target-bpw, for a model of this many MB")
 @click.option("--calibration-text", default=None, help="calibration text file (default: built-in slice)")

@@ -49,12 +49,12 @@ VERSION = 1
 TABLE_COLUMNS = ("tensor", "type", "params", "bits", "error")
 _REQUIRED = ("backend", "architecture", "default_type", "tensor_types")
 _OPTIONAL = ("source_sha256", "budget", "predicted", "sensitivity", "settings")
-# Python-only syntax that std::regex (ECMAScript) reads differently or refuses: named groups, lookbehind, inline flags
 BUDGET_OPTIONS = ("target_bpw", "target_size_mb")
 """The options of a budgeted recipe, the same in every backend: bits per weight, or the model file's size in MB."""
 SEARCH_BUDGETS_BPW = (4.5, 5.0, 5.5, 6.0, 6.5)
 """The bit budgets every backend's search samples for its budgeted recipes: one grid, so that a budget means the same
 for each framework (bits per weight over every quantized weight, scales included)."""
+# Python-only syntax that std::regex (ECMAScript) reads differently or refuses: named groups, lookbehind, inline flags
 _NOT_PORTABLE = re.compile(r"\(\?(?![:=!])")
 
 

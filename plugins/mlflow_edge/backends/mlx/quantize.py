@@ -158,7 +158,7 @@ def recorded_arguments(plan: Plan, settings: Mapping[str, Any], adapter: Path | 
         recorded.update({"quant_predicate": plan.precision, "q_group_size": settings["q_group_size"]})
     if plan.method == "dynamic":
         recorded["target_bpw"] = plan.target_bpw
-        recorded.update({name: settings[name] for name in recipes.BUDGET_OPTIONS if name in settings})
+        recorded.update(recipes.given_budget(settings))
     for name in (*_METHOD_OPTIONS[plan.method],):
         recorded.setdefault(name, settings[name])
     if adapter is not None:
@@ -223,8 +223,7 @@ def quantize_folder(base: Any, out_dir: Path, plan: Plan, settings: dict[str, An
     with writing_into(out_dir) as staging:
         quantize_into(staging, folder, plan, settings, adapter, data)
         if plan.method in PER_LAYER_METHODS:
-            budget = {name: float(settings[name]) for name in recipes.BUDGET_OPTIONS if name in settings}
-            written = extract_recipe(staging, list(layers), base.source_sha256, budget)
+            written = extract_recipe(staging, list(layers), base.source_sha256, recipes.given_budget(settings))
             written.save(staging / RECIPE_FILE)
             recorded["recipe_sha256"] = written.digest()
     return recorded

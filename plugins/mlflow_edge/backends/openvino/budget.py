@@ -43,8 +43,9 @@ class Budget:
     def next_ratios(self, model: Any) -> list[float]:
         """The ratios that could take NNCF one layer further than it went on ``model``: its reached share plus the
         size of a layer still in 8 bits, each size large enough to reach the needed share, smallest first."""
-        reached = self.reached(model)
-        left = {self.shares[name] for name, kind in layer_types(model).items() if kind != BUDGET_MODE}
+        kinds = layer_types(model)
+        reached = sum(self.shares[name] for name, kind in kinds.items() if kind == BUDGET_MODE)
+        left = {self.shares[name] for name, kind in kinds.items() if kind != BUDGET_MODE}
         return [min(reached + size + _PAST, 1.0) for size in sorted(left) if reached + size >= self.needed]
 
 

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 from mlflow_edge.backends.base import option_bool
 from mlflow_edge.backends.openvino.device import RUNTIME_OPTIONS
 from mlflow_edge.errors import EdgeError
+from mlflow_edge.recipes import BUDGET_OPTIONS
 
 CONVERT_PRECISIONS = ("f32", "f16", "bf16")
 _CONVERT_ALIASES = {"fp32": "f32", "fp16": "f16"}
@@ -25,7 +26,6 @@ GROUP_OPTIONS = ("group_size", "group_size_fallback_mode")
 MIXED = "MIXED"
 """The precision of per-layer types: those a recipe file decides (option ``recipe``), or those NNCF's sensitivity
 picks within a bit budget (``target_bpw`` / ``target_size_mb``)."""
-BUDGET_OPTIONS = ("target_bpw", "target_size_mb")
 BUDGET_ALLOWED = (*BUDGET_OPTIONS, "sensitivity_metric", "subset_size", "calibration_tokens", *GROUP_OPTIONS)
 RECIPE_FILE = "recipe.json"
 UNCOMPRESSED = "NONE"

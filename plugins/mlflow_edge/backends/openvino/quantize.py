@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from mlflow_edge import recipes
 from mlflow_edge.backends.base import Artifact
@@ -15,7 +15,7 @@ from mlflow_edge.backends.openvino.calibration import calibration_data
 from mlflow_edge.backends.openvino.framework import first_reason, require_nncf, require_openvino
 from mlflow_edge.backends.openvino.ir import MODEL_XML, companion_files, model_xml, read_model
 from mlflow_edge.backends.openvino.methods import Samples, compress_weights, post_training_quantize
-from mlflow_edge.backends.openvino.precision import BUDGET_OPTIONS, MIXED, PTQ_PRECISION, RECIPE_FILE
+from mlflow_edge.backends.openvino.precision import MIXED, PTQ_PRECISION, RECIPE_FILE
 from mlflow_edge.backends.openvino.recipe import apply_recipe, checked_recipe, written_recipe
 from mlflow_edge.errors import EdgeError
 
@@ -40,8 +40,8 @@ def quantize_ir(model: Any, base: Artifact, out_dir: Path, precision: str, optio
     compressed, method_recorded = _run_nncf(model, precision, options, samples, runtime, recipe, base)
     recorded.update(method_recorded)
     recorded.update(runtime)
-    budget = {name: float(options[name]) for name in BUDGET_OPTIONS if name in options}
-    written = written_recipe(compressed, precision, options, base_folder, base.source_sha256, budget)
+    written = written_recipe(compressed, precision, options, base_folder, base.source_sha256,
+                             recipes.given_budget(options))
     out_dir.mkdir(parents=True, exist_ok=True)
     require_openvino().save_model(compressed, str(out_dir / MODEL_XML), compress_to_fp16=False)  # as NNCF left them
     for file in companion_files(base_folder):
@@ -70,16 +70,15 @@ def _run_nncf(model: Any, precision: str, options: Mapping[str, Any], samples: S
         raise EdgeError(f"NNCF cannot quantize {base.source_name} to {precision}: {first_reason(exc)}") from exc
 
 
-
 def _within_budget(nncf: Any, model: Any, options: Mapping[str, Any], samples: Samples,
-                   fresh: Any) -> tuple[Any, dict[str, Any]]:
+                   fresh: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
     """NNCF's mixed precision over every layer at the smallest ratio, in its own order, that meets the budget."""
     budget = budget_of(model, options)
-    chosen = {k: v for k, v in options.items() if k not in BUDGET_OPTIONS}
+    chosen = {k: v for k, v in options.items() if k not in recipes.BUDGET_OPTIONS}
 
     def compress(float_model: Any, ratio: float) -> tuple[Any, dict[str, Any]]:
         return compress_weights(nncf, float_model, BUDGET_MODE, {**chosen, "ratio": ratio, "all_layers": True},
                                 samples)
 
     compressed, recorded = compress_within_budget(budget, compress, model, fresh)
-    return compressed, {**recorded, **{name: options[name] for name in BUDGET_OPTIONS if name in options}}
+    return compressed, {**recorded, **recipes.given_budget(options)}
