@@ -22,6 +22,7 @@ from mlflow_edge.errors import EdgeError
 
 TIMEOUT_ENV = "MLFLOW_EDGE_CHILD_TIMEOUT"
 DEFAULT_TIMEOUT_S = 4 * 3600.0
+_REAP_TIMEOUT_S = 5.0  # a SIGKILLed child is gone well within this; past it, its Popen is not waited on
 _PR_SET_PDEATHSIG = 1
 
 
@@ -80,7 +81,20 @@ def _kill_group(proc: subprocess.Popen) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     proc.kill()
-    proc.communicate()
+    try:
+        proc.communicate(timeout=_REAP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _reap(proc)
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """Reap a killed child without Popen's wait lock. An interrupt landing just after Popen's timed wait loop took
+    that lock (before its ``try``) leaves it held for good, and every later ``wait()`` on that Popen would block."""
+    try:
+        _, status = os.waitpid(proc.pid, 0)
+    except ChildProcessError:  # reaped meanwhile
+        return
+    proc.returncode = os.waitstatus_to_exitcode(status)
 
 
 def _die_with_parent() -> Callable[[], None] | None:

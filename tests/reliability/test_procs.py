@@ -98,6 +98,17 @@ def test_an_interrupted_caller_kills_the_child_group(tmp_path: Path) -> None:
             parent.kill()
 
 
+def test_a_killed_child_is_reaped_even_when_popens_wait_lock_is_left_held() -> None:
+    """CPython's timed ``Popen.wait`` takes its lock before the ``try`` that releases it: a Ctrl-C landing in that gap
+    (about 1 in 600 interrupts here) leaves the lock held, and a plain ``wait()`` afterwards never returns."""
+    child = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    assert child._waitpid_lock.acquire(False)  # the state that race leaves behind
+    start = time.monotonic()
+    procs._kill_group(child)
+    assert time.monotonic() - start < 20
+    assert child.returncode == -signal.SIGKILL and not alive(child.pid)
+
+
 def test_a_finished_child_returns_like_subprocess_run() -> None:
     done = procs.run([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"],
                      capture_output=True, text=True)
