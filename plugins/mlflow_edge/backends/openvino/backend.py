@@ -84,7 +84,8 @@ class OpenVINOBackend(BaseBackend):
             OptionSpec("recipe", str, None, help=f"{MIXED}: a recipe JSON file (weight constant pattern -> "
                        f"{', '.join(RECIPE_TYPES)}; see mlflow_edge.recipes)"),
             OptionSpec("target_bpw", float, None, help=f"{MIXED}: {BUDGET_MODE} on as many layers as fit this many "
-                       "bits per weight, NNCF's sensitivity_metric choosing them, the rest INT8_ASYM"),
+                       "bits per weight, NNCF's sensitivity_metric choosing them, the rest INT8_ASYM (group_size: 128 "
+                       "where it divides every layer, else 64 or 32)"),
             OptionSpec("target_size_mb", float, None, help=f"{MIXED}: like target_bpw, for weights of this many MB"),
             OptionSpec("device", str, None, help="runtime: CPU, GPU, NPU or AUTO (also NNCF's target device)"),
             OptionSpec("performance_hint", str, None, choices=PERFORMANCE_HINTS, help="runtime: PERFORMANCE_HINT"),

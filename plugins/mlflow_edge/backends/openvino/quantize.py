@@ -10,7 +10,12 @@ from typing import Any, Callable, Mapping
 
 from mlflow_edge import recipes
 from mlflow_edge.backends.base import Artifact
-from mlflow_edge.backends.openvino.budget import BUDGET_MODE, budget_of, compress_within_budget
+from mlflow_edge.backends.openvino.budget import (
+    BUDGET_MODE,
+    budget_group_size,
+    budget_of,
+    compress_within_budget,
+)
 from mlflow_edge.backends.openvino.calibration import calibration_data
 from mlflow_edge.backends.openvino.framework import first_reason, require_nncf, require_openvino
 from mlflow_edge.backends.openvino.ir import MODEL_XML, companion_files, model_xml, read_model
@@ -35,6 +40,8 @@ def quantize_ir(model: Any, base: Artifact, out_dir: Path, precision: str, optio
                 source: Any) -> dict[str, Any]:
     """``model`` (the IR of ``base``) quantized to ``precision`` into ``out_dir``; what the artifact records."""
     base_folder = model_xml(base.path).parent
+    if precision == MIXED and recipes.given_budget(options) and not options.get("group_size"):
+        options = {**options, "group_size": budget_group_size(model)}
     tokenizer_folder = Path(source.path) if source is not None else base_folder
     samples, recorded = calibration_data(model, precision, options, calibration, tokenizer_folder)
     compressed, method_recorded = _run_nncf(model, precision, options, samples, runtime, recipe, base)
