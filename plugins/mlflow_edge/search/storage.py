@@ -5,6 +5,8 @@ stopped process left RUNNING failed (their MLflow runs too) and queued again."""
 from __future__ import annotations
 
 import os
+import random
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +25,7 @@ HEARTBEAT_ENV = "MLFLOW_EDGE_TRIAL_HEARTBEAT"
 DEFAULT_HEARTBEAT_S = 60
 """Seconds between a running trial's heartbeats in the Optuna storage; a trial silent for four of them is stale."""
 CONNECT_TIMEOUT_S = 10
+_SCHEMA_ATTEMPTS = 4  # openings of a new database that may race another process creating its tables
 """How long opening a networked Optuna storage may wait for its server (one attempt, no retries)."""
 _CONNECT_TIMEOUT_DRIVERS = frozenset({"psycopg", "psycopg2", "pymysql", "mysqldb"})  # take ``connect_timeout``
 
@@ -110,18 +113,36 @@ def open_storage(storage_url: str) -> optuna.storages.BaseStorage:
 
     label, url = redacted(storage_url), make_url(storage_url)
     try:
-        beat = heartbeat_interval()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(storage_url, engine_kwargs=_connect_kwargs(url),
-                                              heartbeat_interval=beat, grace_period=4 * beat,
-                                              heartbeat_stale_trial_callback=on_stale_trial)
+        return _rdb_storage(storage_url, url)
     except Exception as exc:  # driver import, connection and schema errors come in many classes
         cause = f" ({first_line(exc.__cause__)})" if isinstance(exc, ImportError) and exc.__cause__ else ""
         reason = first_line(exc) + cause
         if url.password:
             reason = reason.replace(str(url.password), "***")
         raise EdgeError(f"cannot open the Optuna storage {label}: {reason}") from None
+
+
+def _rdb_storage(storage_url: str, url: Any) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage with this project's heartbeat. Processes that open a new database at the same moment
+    all create its tables, and on PostgreSQL all but one fail on a catalog constraint; the tables are there on the
+    next try, so a failed creation is tried again, a few times."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    beat = heartbeat_interval()
+
+    def storage() -> optuna.storages.RDBStorage:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(storage_url, engine_kwargs=_connect_kwargs(url),
+                                              heartbeat_interval=beat, grace_period=4 * beat,
+                                              heartbeat_stale_trial_callback=on_stale_trial)
+
+    for _ in range(_SCHEMA_ATTEMPTS - 1):
+        try:
+            return storage()
+        except (IntegrityError, ProgrammingError):  # another process created the same table, type or index first
+            time.sleep(random.uniform(0.2, 1.0))
+    return storage()
 
 
 def _connect_kwargs(url: Any) -> dict[str, Any]:
