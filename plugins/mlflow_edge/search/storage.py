@@ -25,8 +25,8 @@ HEARTBEAT_ENV = "MLFLOW_EDGE_TRIAL_HEARTBEAT"
 DEFAULT_HEARTBEAT_S = 60
 """Seconds between a running trial's heartbeats in the Optuna storage; a trial silent for four of them is stale."""
 CONNECT_TIMEOUT_S = 10
-_SCHEMA_ATTEMPTS = 4  # openings of a new database that may race another process creating its tables
 """How long opening a networked Optuna storage may wait for its server (one attempt, no retries)."""
+_SCHEMA_ATTEMPTS = 4  # openings of a new database that may race another process creating its tables
 _CONNECT_TIMEOUT_DRIVERS = frozenset({"psycopg", "psycopg2", "pymysql", "mysqldb"})  # take ``connect_timeout``
 
 

@@ -21,11 +21,12 @@ BUDGET_MODE = "INT4_ASYM"
 """The 4-bit mode of a budget: optimum-intel's int4 default (``--weight-format int4``)."""
 NNCF_GROUP_SIZE = 128
 """``compress_weights``' group size where the options give none."""
+_PAST = 1e-9  # a ratio just past a cumulative share (NNCF compares with >=)
 _SMALLER_GROUPS = (64, 32)
 
 
 def budget_group_size(model: Any) -> int:
-    """The group size of a budget that names none: NNCF's (128) where it divides every weight's rows, else the
+    """The group size of a budget that names none: NNCF's (128) where it divides every weight's width, else the
     largest of 64 and 32 that does (SmolLM2's 576-wide layers take 64): NNCF refuses a ratio whose 4-bit layers
     cannot be grouped."""
     widths = {shape[-1] for shape in weight_shapes(model).values()}
@@ -33,7 +34,6 @@ def budget_group_size(model: Any) -> int:
         if all(width % group == 0 for width in widths):
             return group
     return NNCF_GROUP_SIZE  # NNCF's own message names the layer it cannot group
-_PAST = 1e-9  # a ratio just past a cumulative share (NNCF compares with >=)
 
 
 def four_bit_bpw(group_size: int) -> float:
