@@ -295,22 +295,25 @@ def test_dynamic_quant_refuses_unreachable_targets_and_missing_text(backend: MLX
     assert_nothing_left(tmp_path / "out")
 
 
-@pytest.mark.parametrize("budget", [{"target_bpw": 5.5}, {"target_size_mb": 9.0}])
+@pytest.mark.parametrize(("budget", "levels"), [({"target_bpw": 5.5}, (4, 5)), ({"target_size_mb": 9.0}, (4, 5)),
+                                                ({"target_bpw": 5.0}, (3, 4))])
 def test_a_budget_is_dynamic_quant_at_the_levels_around_it(backend: MLXBackend, base: Artifact,
                                                            tiny_source: SourceModel, root: Path,
-                                                           budget: dict[str, float]) -> None:
+                                                           budget: dict[str, float], levels: tuple[int, int]) -> None:
     from mlx_lm.utils import compute_bits_per_weight, get_total_parameters
 
-    artifact = backend.quantize(base, root / f"budget-{next(iter(budget))}", "MIXED", {**budget, **SMALL_CALIBRATION},
+    (name, value), = budget.items()
+    artifact = backend.quantize(base, root / f"budget-{name}-{value}", "MIXED", {**budget, **SMALL_CALIBRATION},
                                 calibration=calibration_text(), source=tiny_source)
     model = load_mlx_model(artifact.path)
     params = get_total_parameters(model)
     target = budget.get("target_bpw") or budget["target_size_mb"] * 8e6 / params
     assert artifact.precision == "mixed" and artifact.options["target_bpw"] == pytest.approx(target, rel=1e-6)
     assert {k: artifact.options[k] for k in budget} == budget
-    # float32 scales: 4 bits in groups of 64 are 5.0 bits per weight, 5 bits 6.0: the levels either side of 5.5
-    assert (artifact.options["low_bits"], artifact.options["high_bits"]) == (4, 5)
-    assert 5.0 < compute_bits_per_weight(model) <= target + 1e-3
+    # float32 scales: 4 bits in groups of 64 are 5.0 bits per weight (and a little more with the norms), 5 bits 6.0:
+    # the levels either side of 5.5; 5.0 itself lies between 3 and 4 bits
+    assert (artifact.options["low_bits"], artifact.options["high_bits"]) == levels
+    assert levels[0] + 1 < compute_bits_per_weight(model) <= target + 1e-3
     assert read_recipe(artifact.path / "recipe.json").budget == budget
 
 

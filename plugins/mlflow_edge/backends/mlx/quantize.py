@@ -67,7 +67,9 @@ def budget_plan(plan: Plan, options: Mapping[str, Any], folder: Path) -> tuple[P
     dtype = settings.get("dtype") or folder_precision(folder, check_folder(folder))
     per_group = 2 * (32 if dtype == "float32" else 16) / 64  # a scale and a bias per group of 64, in the dtype
     levels = affine_bits()
-    low = max((bits for bits in levels if bits + per_group <= target), default=levels[0])
+    # strictly below: the unquantized norms put a level a little above its nominal bits, so a target at a level
+    # lies between the level under it and that one
+    low = max((bits for bits in levels if bits + per_group < target), default=levels[0])
     high = min((bits for bits in levels if bits > low and bits + per_group >= target), default=levels[-1])
     settings = {"low_bits": low, "high_bits": high, **settings}
     return Plan(MIXED, "dynamic", target_bpw=target), settings
