@@ -18,8 +18,8 @@ aside) and llama.cpp's own mixtures ``--presets``, with the importance matrix of
 built-in calibration text; OpenVINO: INT4_ASYM and INT4_SYM on every layer (``ratio=1``, ``all_layers``) in groups of
 64 and 32 (128 does not divide SmolLM2's 576-wide layers), and INT4_ASYM in groups of 64 and 32 with NNCF's default
 of embeddings and the last MatMul in INT8; MLX: affine ``q<bits>_g<group>`` at 3-6 bits in groups of 32 and 64, on
-the ``--mlx-base`` conversion (float32 by default, whose scales and biases make q4_g64 5.0 bits per weight: a lower
-budget is refused, and reported so). The allocation runs in variants: llama.cpp's ``--variants`` ``default`` (the
+the ``--mlx-base`` conversion (float32 by default, whose scales and biases count a bit per weight in groups of 64:
+q4_g64 is 5.0 bits per weight). The allocation runs in variants: llama.cpp's ``--variants`` ``default`` (the
 backend's default ``recipe_types``, what a user gets) and ``with-uniform`` (those plus every pure uniform type, so
 that it may pick what the baselines use, Q4_1 among them); OpenVINO's 4-bit part in the backend's default group
 (``default``: 64 on SmolLM2) and in groups of 32 (``g32``), ranked by NNCF's data-free metric, and in groups of 32
