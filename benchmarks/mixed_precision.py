@@ -154,8 +154,8 @@ def recipe_summary(artifact: Any) -> dict[str, Any]:
     """How many tensors of each type the recipe of a mixed artifact chose, and what it predicted."""
     from mlflow_edge import recipes
 
-    folder = artifact.path if artifact.path.is_dir() else artifact.path.parent
-    recipe = recipes.load_recipe(folder / "recipe.json")
+    recipe_file = next(path for path in recipes.side_files(artifact.path) if path.name == "recipe.json")
+    recipe = recipes.load_recipe(recipe_file)
     counts = collections.Counter(rule.type for rule in recipe.rules)
     return {"types": dict(sorted(counts.items())), "predicted": dict(recipe.predicted or {}),
             "default_type": recipe.default_type}

@@ -25,11 +25,11 @@ _PAST = 1e-9  # a ratio just past a cumulative share (NNCF compares with >=)
 _SMALLER_GROUPS = (64, 32)
 
 
-def budget_group_size(model: Any) -> int:
-    """The group size of a budget that names none: NNCF's (128) where it divides every weight's width, else the
-    largest of 64 and 32 that does (SmolLM2's 576-wide layers take 64): NNCF refuses a ratio whose 4-bit layers
-    cannot be grouped."""
-    widths = {shape[-1] for shape in weight_shapes(model).values()}
+def budget_group_size(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """The group size of a budget that names none, for weights of these ``shapes`` (:func:`weight_shapes`): NNCF's
+    (128) where it divides every weight's width, else the largest of 64 and 32 that does (SmolLM2's 576-wide layers
+    take 64): NNCF refuses a ratio whose 4-bit layers cannot be grouped."""
+    widths = {shape[-1] for shape in shapes.values()}
     for group in (NNCF_GROUP_SIZE, *_SMALLER_GROUPS):
         if all(width % group == 0 for width in widths):
             return group
@@ -68,7 +68,7 @@ def budget_of(model: Any, options: Mapping[str, Any]) -> Budget:
     params = sum(math.prod(shape) for shape in shapes.values())
     rows = sum(shape[0] for shape in shapes.values())
     target = recipes.budget_bpw(params, **recipes.given_budget(options))
-    group = int(options.get("group_size") or NNCF_GROUP_SIZE)
+    group = int(options.get("group_size") or budget_group_size(shapes))
     four, eight = four_bit_bpw(group), 8 + 24 * rows / params  # INT8_ASYM: an f16 scale and a u8 zero point per row
     if target < four:
         raise EdgeError(f"a budget of {target:.3g} bits per weight is below {BUDGET_MODE} in groups of {group} on "

@@ -21,7 +21,7 @@ from mlflow_edge.backends.openvino.framework import first_reason, require_nncf, 
 from mlflow_edge.backends.openvino.ir import MODEL_XML, companion_files, model_xml, read_model
 from mlflow_edge.backends.openvino.methods import Samples, compress_weights, post_training_quantize
 from mlflow_edge.backends.openvino.precision import MIXED, PTQ_PRECISION, RECIPE_FILE
-from mlflow_edge.backends.openvino.recipe import apply_recipe, checked_recipe, written_recipe
+from mlflow_edge.backends.openvino.recipe import apply_recipe, checked_recipe, weight_shapes, written_recipe
 from mlflow_edge.errors import EdgeError
 
 
@@ -41,7 +41,7 @@ def quantize_ir(model: Any, base: Artifact, out_dir: Path, precision: str, optio
     """``model`` (the IR of ``base``) quantized to ``precision`` into ``out_dir``; what the artifact records."""
     base_folder = model_xml(base.path).parent
     if precision == MIXED and recipes.given_budget(options) and not options.get("group_size"):
-        options = {**options, "group_size": budget_group_size(model)}
+        options = {**options, "group_size": budget_group_size(weight_shapes(model))}
     tokenizer_folder = Path(source.path) if source is not None else base_folder
     samples, recorded = calibration_data(model, precision, options, calibration, tokenizer_folder)
     compressed, method_recorded = _run_nncf(model, precision, options, samples, runtime, recipe, base)

@@ -75,10 +75,11 @@ def _weight_type(value: Any) -> tuple[str, str, tuple[int, ...]] | None:
         zero_point |= node.get_type_name() == "Subtract"
         scaled |= node.get_type_name() == "Multiply"
         node = node.input_value(0).get_node()
-    if node.get_type_name() != "Constant" or value.get_partial_shape().is_dynamic:  # activations (a norm's output)
+    partial_shape = value.get_partial_shape()
+    if node.get_type_name() != "Constant" or partial_shape.is_dynamic:  # activations (a norm's output)
         return None
     element, shape = node.get_output_element_type(0).get_type_name(), list(node.get_output_shape(0))
-    weight_shape = tuple(int(n) for n in value.get_partial_shape().to_shape())
+    weight_shape = tuple(int(n) for n in partial_shape.to_shape())
     if scaled and element not in _FLOAT_ELEMENTS:
         return node.get_friendly_name(), _ELEMENT_MODES.get((element, zero_point), element.upper()), weight_shape
     if not scaled and element in _FLOAT_ELEMENTS and len(shape) >= 2 and min(shape[-2:]) > 1:
